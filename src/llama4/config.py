@@ -147,9 +147,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         def strip(obj: Any) -> Any:
             if dataclasses.is_dataclass(obj):
-                return {
-                    f.name: strip(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init
-                }
+                return {f.name: strip(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
             if isinstance(obj, tuple):
                 return list(obj)
             return obj
@@ -243,8 +241,9 @@ _preset(
             n_kv_heads=2,
             head_dim=16,
             dense_hidden_dim=128,
-            rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                     original_max_position=64),
+            rope_scaling=RopeScaling(
+                factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=64
+            ),
             attention_chunk_size=32,
             floor_scale=16,
             max_seq_len=512,

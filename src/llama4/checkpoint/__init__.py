@@ -1,0 +1,1 @@
+"""Checkpoint formats at the boundary: Hugging Face safetensors (and its key table)."""
