@@ -14,7 +14,9 @@ import sys
 
 # verb -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("llama4.checkpoint.info", "architecture and parameter counts of a preset or checkpoint"),
+    "info": ("llama4.info", "architecture and parameter counts of a preset or checkpoint"),
+    "tokenizer": ("llama4.tokenizer_cli", "tokenizer tools: 'train' a byte-level BPE in tiktoken format"),
+    "tokenize": ("llama4.tokenizer_cli", "print the token ids of a text file or of an OpenAI-style chat"),
 }
 
 

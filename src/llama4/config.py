@@ -210,20 +210,21 @@ _preset(
 )
 
 # Behemoth: Meta has published 16 experts, 288B active / ~2T total, nothing else. Our estimate:
-# the same block design scaled up. With D=16384, 128 query / 8 KV heads of 128 and expert width
-# 40960 on 60 MoE layers, the sizes come out at ~288B active / ~2.0T total (`llama4 info behemoth`).
+# the same block design scaled up (every layer MoE, top-1 + shared expert). With D=16384,
+# 128 query / 8 KV heads of 128 and expert width 24576 on 96 layers the sizes come out at
+# ~293B active / ~2.03T total (`llama4 info behemoth`).
 _preset(
     "behemoth",
     ModelConfig(
         text=TextConfig(
             dim=16384,
-            n_layers=60,
+            n_layers=96,
             n_heads=128,
             n_kv_heads=8,
             head_dim=128,
             dense_hidden_dim=65536,
             rope_scaling=RopeScaling(),
-            moe=MoEConfig(num_experts=16, hidden_dim=40960, interleave_step=1),
+            moe=MoEConfig(num_experts=16, hidden_dim=24576, interleave_step=1),
         ),
         vision=VisionConfig(),
     ),

@@ -108,6 +108,8 @@ def text_config_from_hf(tc: dict[str, Any]) -> TextConfig:
     theta, scaling = _rope_from_hf(tc)
     interval = tc.get("no_rope_layer_interval", 4)
     uses_rope = tc.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
+    if len(uses_rope) < n_layers:
+        raise ValueError(f"no_rope_layers has {len(uses_rope)} entries for {n_layers} layers")
     step = tc.get("interleave_moe_layer_step", 1)
     moe_layers = tc.get("moe_layers")
     if moe_layers is None:

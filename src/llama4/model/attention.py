@@ -36,26 +36,35 @@ class AttentionCache(Protocol):
         ...
 
 
-def attention_masks(
-    positions: torch.Tensor | None, seq_len: int, chunk: int, device: torch.device
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Boolean masks (True = attend) for a forward without cache.
+def attention_masks(positions: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks (True = attend) (B, 1, T, T) for a forward without cache at `positions`.
 
-    Returns (global_mask, local_mask). Without explicit positions the global mask is None
-    (SDPA's causal path is used) and both are (1, 1, T, T); with positions (B, T) they are
-    (B, 1, T, T). Local: causal and in the same chunk of `chunk` positions.
+    Returns (global_mask, local_mask). Global: causal. Local: causal and inside the same chunk
+    of `chunk` positions (the window resets at each chunk start; not a sliding window).
     """
-    if positions is None:
-        pos = torch.arange(seq_len, device=device)[None]
-        global_mask = None
-    else:
-        pos = positions
-    qp, kp = pos[:, None, :, None], pos[:, None, None, :]  # (B, 1, T, 1), (B, 1, 1, T)
+    qp, kp = positions[:, None, :, None], positions[:, None, None, :]  # (B, 1, T, 1), (B, 1, 1, T)
     causal = kp <= qp
-    local_mask = causal & (qp // chunk == kp // chunk)
-    if positions is not None:
-        global_mask = causal
-    return global_mask, local_mask
+    return causal, causal & (qp // chunk == kp // chunk)
+
+
+def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Local attention for a sequence starting at position 0: causal inside each chunk.
+
+    Equivalent to SDPA with the local mask, but computes only the diagonal blocks, with the
+    fast causal kernel. q (B, H, T, Dh), k/v (B, K, T, Dh) -> (B, H, T, Dh).
+    """
+    B, H, T, Dh = q.shape
+    if T <= chunk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    n = -(-T // chunk)
+    pad = n * chunk - T  # padding at the end: only later (padded) queries could see it
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # (B, h, T, Dh) -> (B * n, h, chunk, Dh)
+        x = F.pad(x, (0, 0, 0, pad))
+        return x.unflatten(2, (n, chunk)).transpose(1, 2).flatten(0, 1)
+
+    out = F.scaled_dot_product_attention(blocks(q), blocks(k), blocks(v), is_causal=True, enable_gqa=True)
+    return out.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)[:, :, :T]
 
 
 class Attention(nn.Module):
@@ -64,6 +73,7 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.is_global = cfg.is_global[layer_id]
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.chunk = cfg.attention_chunk_size
         self.use_qk_norm = cfg.qk_norm and not self.is_global
         self.temperature_tuning = cfg.attn_temperature_tuning and self.is_global
         self.norm_eps, self.floor_scale, self.attn_scale = cfg.norm_eps, cfg.floor_scale, cfg.attn_scale
@@ -77,7 +87,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, D)
         positions: torch.Tensor,  # (B, T) absolute positions
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin (B, T, 1, Dh/2)
-        mask: torch.Tensor | None,  # used only without cache
+        mask: torch.Tensor | None,  # without cache: None means positions are 0..T-1
         cache: AttentionCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -97,6 +107,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, Dh)
         if cache is not None:
             k, v, mask = cache.update(self.layer_id, k, v)
+        elif mask is None and not self.is_global:
+            out = chunked_causal_attention(q, k, v, self.chunk)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
         )  # (B, H, T, Dh)

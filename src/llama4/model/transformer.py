@@ -98,8 +98,8 @@ class Transformer(nn.Module):
             raise ValueError(f"positions must have the shape of tokens {(B, T)}, got {tuple(pos.shape)}")
         rope = rope_cos_sin(pos, self.rope_inv_freq)
         global_mask = local_mask = None
-        if cache is None:
-            global_mask, local_mask = attention_masks(positions, T, t.attention_chunk_size, tokens.device)
+        if cache is None and positions is not None:
+            global_mask, local_mask = attention_masks(positions, t.attention_chunk_size)
         for layer in self.layers:
             mask = global_mask if layer.attention.is_global else local_mask
             x = layer(x, pos, rope, mask, cache)
