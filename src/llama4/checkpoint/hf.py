@@ -11,8 +11,10 @@ HF's names, including ``no_rope_layers`` (1 = the layer USES RoPE, i.e. is local
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import string
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,9 @@ from safetensors.torch import save_file
 
 from llama4.config import ModelConfig, MoEConfig, RopeScaling, TextConfig, VisionConfig
 
-# (HF name, our name) for the text decoder, relative to the decoder prefix. `{i}` is a layer
-# index, `{rest}` any suffix; the same placeholder appears on both sides.
+# (HF name, our name) for the text decoder. Placeholders: `{i}` a layer index, `{rest}` any
+# suffix, any other `{name}` one dotted component; each appears on both sides, so the table
+# reads both ways (load and save).
 TEXT_KEYS: list[tuple[str, str]] = [
     ("model.embed_tokens.weight", "tok_embeddings.weight"),
     ("model.layers.{i}.self_attn.{rest}", "layers.{i}.attention.{rest}"),
@@ -48,8 +51,16 @@ def _vision_keys() -> list[tuple[str, str]]:
     return VISION_KEYS
 
 
+_PLACEHOLDER_PATTERNS = {"i": r"\d+", "rest": r".+"}
+
+
+@functools.cache
 def _compile(template: str) -> re.Pattern[str]:
-    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{rest\}", r"(?P<rest>.+)")
+    pattern = ""
+    for literal, name, _, _ in string.Formatter().parse(template):
+        pattern += re.escape(literal)
+        if name:
+            pattern += f"(?P<{name}>{_PLACEHOLDER_PATTERNS.get(name, r'[^.]+')})"
     return re.compile(pattern + "$")
 
 
