@@ -256,6 +256,14 @@ def test_documented_prompt_text(chat):
     )
 
 
+def test_developer_role_is_system(chat):
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    developer = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert chat.encode_dialog(developer) == chat.encode_dialog(system)
+    tools = [WEATHER_TOOL]
+    assert chat.encode_dialog(developer, tools=tools) == chat.encode_dialog(system, tools=tools)
+
+
 def test_ends_of_messages(chat):
     ids = chat.encode_dialog(DIALOGS["tool-calls-and-results"], add_generation_prompt=False)
     text = chat.tok.decode(ids)

@@ -256,6 +256,13 @@ CALLS = [
     # No arguments at all.
     ("[get_time()]", None, [("get_time", {})]),
     ("[get_time(), get_date()]\n", None, [("get_time", {}), ("get_date", {})]),
+    # Spread over lines, and with the closing bracket missing (vLLM issue 30722).
+    (
+        '[\n  get_weather(city="Paris"),\n  get_time(tz="CET")\n]',
+        None,
+        [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "CET"})],
+    ),
+    ('[search(query="x", ids=[[1, 2], [3]])', None, [("search", {"query": "x", "ids": [[1, 2], [3]]})]),
     # Several lists back to back: what the reference writes for an earlier turn with several calls.
     ('[a(x=1)][b(y="2")]', None, [("a", {"x": 1}), ("b", {"y": "2"})]),
     ("[a(x=1)]\n[b(y=2)]", None, [("a", {"x": 1}), ("b", {"y": 2})]),

@@ -36,6 +36,7 @@ Message = Mapping[str, Any]
 
 ROLE_NAMES = {
     "system": "system",
+    "developer": "system",  # OpenAI's newer name for the system role
     "user": "user",
     "assistant": "assistant",
     "tool": "ipython",
@@ -275,7 +276,7 @@ def with_tool_prompt(
     """``messages`` with the tool system prompt merged into (or put in front as) the system message."""
     messages = list(messages)
     user_system = None
-    if messages and messages[0].get("role") == "system":
+    if messages and messages[0].get("role") in ("system", "developer"):
         user_system = _text_of(messages.pop(0).get("content"))
     system = tool_system_prompt(tools, user_system, tool_choice)
     return [{"role": "system", "content": system}, *messages]

@@ -17,6 +17,7 @@ default for Llama 3.2/3.3/4). This module holds:
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import re
 import uuid
@@ -302,11 +303,21 @@ def _call_lists(node: ast.AST) -> list[ast.List]:
     raise _NotACall("not a list of calls")
 
 
-def _parse_pythonic(text: str, allow_bare: bool) -> list[tuple[str, dict[str, Any]]]:
+def _parse_python(text: str) -> ast.Module:
     try:
-        tree = ast.parse(text, mode="exec")
+        return ast.parse(text, mode="exec")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        # Models sometimes drop the closing "]" after a complete call (vLLM issue 30722).
+        if text.startswith("[") and text.endswith(")"):
+            try:
+                return ast.parse(text + "]", mode="exec")
+            except (SyntaxError, ValueError, RecursionError, MemoryError):
+                pass
         raise _NotACall(f"not Python: {e}") from None
+
+
+def _parse_pythonic(text: str, allow_bare: bool) -> list[tuple[str, dict[str, Any]]]:
+    tree = _parse_python(text)
     calls = []
     for stmt in tree.body:
         if not isinstance(stmt, ast.Expr):
@@ -396,6 +407,7 @@ def _parse_segment(segment: str, allow_bare: bool) -> list[tuple[str, dict[str, 
 # or a code fence.
 _CANDIDATE = re.compile(r"\[\s*[A-Za-z_][\w.]*\s*\(|\[\s*\{|\{\s*\"|<function=|```")
 _BARE_CALL = re.compile(r"[A-Za-z_][\w.]*\s*\(")
+MAX_CANDIDATES = 256
 
 
 def _strip_end_markers(text: str) -> str:
@@ -438,7 +450,8 @@ def parse_tool_calls(
         found = _try_parse(stripped, allow_bare=True, tool_names=tool_names)
         if found is not None:
             return None, found
-    for candidate in _CANDIDATE.finditer(body):
+    # Each try parses to the end of the reply; the cap bounds the work on long bracket-heavy prose.
+    for candidate in itertools.islice(_CANDIDATE.finditer(body), MAX_CANDIDATES):
         found = _try_parse(body[candidate.start() :], allow_bare=False, tool_names=tool_names)
         if found is not None:
             return body[: candidate.start()].strip() or None, found
