@@ -1,0 +1,26 @@
+"""Where parallelism will be applied to the model, from outside: identity on one device today.
+
+The model code never imports torch.distributed. A multi-GPU trainer will build a device mesh
+and call `parallelize(model, mesh)` after the model is built (and LoRA / activation
+checkpointing are attached) and before the optimizer is created, the same seam as torchtitan's
+`models/llama4/infra/parallelize.py`:
+
+- FSDP2: `fully_shard(block, mesh=mesh["dp"])` for each `model.layers[i]`, then on the root;
+- expert parallelism: shard `experts.gate_up_proj` / `experts.down_proj` on dim 0 (E) over
+  mesh["ep"] and replace the token reordering in `MoE.forward` with all-to-all dispatch;
+- tensor parallelism: colwise q/k/v_proj and gate/up, rowwise o_proj and down_proj.
+
+Everything the trainer needs from a parallel model (state_dict, parameters, forward) keeps
+working for the identity case, so the trainer has no second code path to test.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def parallelize(model: nn.Module, mesh=None) -> nn.Module:
+    """Apply data/expert/tensor parallelism over `mesh`; single device (mesh None): unchanged."""
+    if mesh is not None:
+        raise NotImplementedError("multi-device training is not implemented yet; see this module's docstring")
+    return model
