@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama4.checkpoint.vision_keys import VISION_KEYS, convert_vision_state_dict, vision_key
+from llama4.checkpoint.vision_keys import VISION_KEYS, convert_vision_state_dict, hf_vision_key, vision_key
 from llama4.config import VisionConfig, get_preset
 from llama4.image import preprocess_image
 from llama4.model.vision import VisionTower, pixel_shuffle, rope_2d
@@ -162,6 +162,7 @@ def test_key_table_covers_real_checkpoint_layout():
     # 34 layers x 23.8M + embeddings 1.6M + adapter 39.8M (5632->4096->4096) + projector 21.0M
     assert sum(s.numel() for s in our_shapes.values()) == 871_932_416
     assert len({ours for _, ours in VISION_KEYS}) == len(VISION_KEYS)
+    assert all(hf_vision_key(vision_key(k)) == k for k in hf_keys)  # the table reads both ways
 
 
 def test_unknown_vision_key_is_an_error():
@@ -179,6 +180,20 @@ def test_bfloat16_close_to_float32():
         out = ours.to(torch.bfloat16)(pixels)  # float32 pixels are cast to the weights' dtype
     assert out.dtype == torch.bfloat16
     assert rel_err(out.float(), ref) < 0.05
+
+
+def test_init_weights_after_meta_build():
+    vc = tiny_vision(56)
+    with torch.device("meta"):
+        tower = VisionTower(vc, TEXT_DIM)
+    tower.to_empty(device="cpu").init_weights(torch.Generator().manual_seed(0))
+    again = VisionTower(vc, TEXT_DIM)
+    again.init_weights(torch.Generator().manual_seed(0))
+    for (name, a), (_, b) in zip(tower.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name  # deterministic, every parameter written
+    assert torch.all(tower.layers[0].attn_norm.weight == 1) and torch.all(tower.layers[0].attn.wq.bias == 0)
+    out = tower(torch.randn(2, 3, 56, 56))
+    assert torch.isfinite(out).all()
 
 
 def test_bad_pixel_shape():

@@ -179,6 +179,28 @@ class VisionTower(nn.Module):
         nn.init.normal_(self.cls_embed, std=scale)
         nn.init.normal_(self.pos_embed, std=scale)
 
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        """Deterministic init for training from scratch (e.g. after building on meta + to_empty).
+
+        As HF's ``_init_weights``: linear weights N(0, std), biases 0, LayerNorms 1 and 0; the
+        class and positional embeddings N(0, dim^-0.5). Draws on CPU from ``generator``.
+        """
+
+        def normal(p: Tensor, sigma: float) -> None:
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(sigma).to(p.dtype))
+
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                normal(module.weight, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        normal(self.cls_embed, self.cfg.dim**-0.5)
+        normal(self.pos_embed, self.cfg.dim**-0.5)
+
     def embed_patches(self, pixel_values: Tensor) -> Tensor:
         """(N, C, S, S) -> (N, P, D), patches in row-major order."""
         n, c, s, _ = pixel_values.shape
