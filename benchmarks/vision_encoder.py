@@ -87,7 +87,7 @@ def bench(name: str, dtype: torch.dtype, tiles: int, repeats: int, device: str) 
     gflops = flops_per_tile(cfg, text_dim) * tiles / best / 1e9
     print(
         f"{name:5s} {str(dtype).removeprefix('torch.'):8s} params {params / 1e6:7.1f}M  {tiles} tiles "
-        f"in {best:7.3f} s  ->  {tiles / best:8.2f} tiles/s  ({gflops:6.1f} GFLOP/s, "
+        f"in {best:7.3f} s  ->  {tiles / best:8.3g} tiles/s  ({gflops:6.1f} GFLOP/s, "
         f"{flops_per_tile(cfg, text_dim) / 1e9:.1f} GFLOP/tile)",
         flush=True,
     )
