@@ -113,7 +113,7 @@ class VisionConfig:
     pixel_shuffle_ratio: float = 0.5  # 0.5 merges 2x2 patches into one token
     adapter_dim: int = 4096  # hidden width of the 2-layer adapter MLP ("projector_input_dim")
     adapter_out_dim: int = 4096  # output of the adapter ("projector_output_dim")
-    vision_output_dim: int = 4096  # width of the encoder output fed to pixel shuffle
+    vision_output_dim: int = 4096  # input width of the projector (= adapter_out_dim)
     projector_bias: bool = False
     max_tiles: int = 16  # image preprocessing: most tiles per image (plus the global tile)
 
@@ -264,7 +264,7 @@ _preset(
             dim=32,
             n_layers=2,
             n_heads=4,
-            mlp_hidden_dim=64,
+            mlp_hidden_dim=128,  # = dim / ratio^2: transformers sizes the adapter input from it
             adapter_dim=64,
             adapter_out_dim=64,
             vision_output_dim=64,
