@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("llama4.train.commands.distill", "train a student on a teacher's soft targets and the data"),
     "merge": ("llama4.train.commands.merge", "merge a LoRA adapter into its base model"),
     "plot": ("llama4.train.commands.plot", "PNG charts of a training run's metrics.jsonl"),
+    "eval": ("llama4.eval", "bits per byte of a text file under a model (default: the bundled one)"),
 }
 
 

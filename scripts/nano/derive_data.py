@@ -1,0 +1,181 @@
+"""Derive the nano model's training data from /work/shared/data (nothing else is used).
+
+    python scripts/nano/derive_data.py --out runs/nano/data
+
+Writes
+  pretrain/   the pretraining mixture: every text file except austen_persuasion.txt (the
+              validation text), with the five other Austen novels written 3 times (an ~26%
+              Austen share instead of ~10%: the short run sees ~1/8 of the corpus, and the
+              validation text is Austen). Plain copies; `llama4 train` reads the folder.
+  chat.jsonl  chat turns cut from the same training text: a passage of 1-3 sentences as the
+              user turn, the next 1-3 sentences as the assistant turn (loss on the assistant
+              turn and its <|eot|>): the model learns the turn structure and when to stop.
+  vision_train.jsonl, vision_eval.jsonl
+              image -> name dialogs ("What is this?" + image -> "grinning face"). Images are
+              referenced, not copied: "emoji:INDEX" (emoji64.npz) and "fashion:SPLIT:INDEX"
+              (Fashion-MNIST), with an optional "@aug:SEED" augmented view
+              (llama4.train.multimodal reads them). Held out for evaluation: the Fashion-MNIST
+              test split, a random 10% of the emoji (names never seen in training), and
+              augmented views of the training emoji (the same emoji, shifted/scaled/recoloured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+TEXT = Path("/work/shared/data/text")
+IMAGES = Path("/work/shared/data/images")
+VALIDATION = "austen_persuasion.txt"
+AUSTEN_REPEATS = 3
+QUESTIONS = ["What is this?", "What is in this image?", "Name this picture.", "What do you see?"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+
+def training_texts() -> list[Path]:
+    return sorted(p for p in TEXT.glob("*.txt") if p.name != VALIDATION)
+
+
+def write_pretrain(out: Path) -> None:
+    dst = out / "pretrain"
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for p in training_texts():
+        repeats = AUSTEN_REPEATS if p.name.startswith("austen_") else 1
+        for r in range(repeats):
+            shutil.copyfile(p, dst / (p.name if r == 0 else f"{p.stem}.copy{r}.txt"))
+
+
+_MOJIBAKE = re.compile("[\u00c2\u00e2\u00c3]")
+_SENTENCE = re.compile(r"[^.!?]+[.!?]+[\"')\]]*\s*")
+
+
+def sentences(text: str) -> list[str]:
+    text = re.sub(r"\s+", " ", text)
+    # Drop mojibake (the Jargon File's UTF-8 read as Latin-1 shows up as "Â " and "â\x80").
+    return [
+        s.strip() for s in _SENTENCE.findall(text) if 3 <= len(s.split()) <= 60 and not _MOJIBAKE.search(s)
+    ]
+
+
+def write_chat(out: Path, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    pools = {p.name: sentences(p.read_text(encoding="utf-8", errors="replace")) for p in training_texts()}
+    names = sorted(pools)
+    # Austen-heavy like the pretraining mixture.
+    weights = [AUSTEN_REPEATS if name.startswith("austen_") else 1 for name in names]
+    with open(out / "chat.jsonl", "w") as f:
+        for _ in range(n):
+            pool = pools[rng.choices(names, weights)[0]]
+            k_user, k_reply = rng.randint(1, 3), rng.randint(1, 3)
+            i = rng.randrange(0, len(pool) - k_user - k_reply)
+            user = " ".join(pool[i : i + k_user])
+            reply = " ".join(pool[i + k_user : i + k_user + k_reply])
+            f.write(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+                )
+                + "\n"
+            )
+
+
+def _dialog(image_ref: str, answer: str, question: str) -> dict:
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image_ref}, {"type": "text", "text": question}],
+            },
+            {"role": "assistant", "content": answer},
+        ]
+    }
+
+
+def write_vision(out: Path, seed: int, fashion_train: int, fashion_test: int, emoji_aug: int) -> None:
+    rng = random.Random(seed)
+    emoji = json.loads((IMAGES / "emoji64.json").read_text())
+    idx = list(range(len(emoji)))
+    rng.shuffle(idx)
+    held = set(idx[: len(idx) // 10])  # names never shown in training
+    train, evals = [], []
+    for i, e in enumerate(emoji):
+        name = e["name"]
+        if i in held:
+            evals.append({**_dialog(f"emoji:{i}", name, QUESTIONS[0]), "split": "emoji_heldout_names"})
+            continue
+        train.append(_dialog(f"emoji:{i}", name, rng.choice(QUESTIONS)))
+        for _ in range(emoji_aug):
+            train.append(_dialog(f"emoji:{i}@aug:{rng.randrange(1 << 30)}", name, rng.choice(QUESTIONS)))
+        evals.append(
+            {
+                **_dialog(f"emoji:{i}@aug:{rng.randrange(1 << 30)}", name, QUESTIONS[0]),
+                "split": "emoji_augmented_views",
+            }
+        )
+    labels = _fashion_labels()
+    for i in rng.sample(range(len(labels["train"])), fashion_train):
+        train.append(
+            _dialog(f"fashion:train:{i}", FASHION_CLASSES[labels["train"][i]], rng.choice(QUESTIONS))
+        )
+    for i in rng.sample(range(len(labels["test"])), fashion_test):
+        evals.append(
+            {
+                **_dialog(f"fashion:test:{i}", FASHION_CLASSES[labels["test"][i]], QUESTIONS[0]),
+                "split": "fashion_test",
+            }
+        )
+    rng.shuffle(train)
+    for name, rows in (("vision_train.jsonl", train), ("vision_eval.jsonl", evals)):
+        with open(out / name, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _fashion_labels() -> dict[str, list[int]]:
+    import gzip
+
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        with gzip.open(IMAGES / "fashion-mnist" / f"{prefix}-labels-idx1-ubyte.gz") as f:
+            out[split] = list(f.read()[8:])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/nano/data"))
+    ap.add_argument("--only", choices=["pretrain", "chat", "vision"], nargs="*")
+    ap.add_argument("--chat-examples", type=int, default=20000)
+    ap.add_argument("--fashion-train", type=int, default=12000)
+    ap.add_argument("--fashion-test", type=int, default=1000)
+    ap.add_argument("--emoji-augmentations", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    parts = args.only or ["pretrain", "chat", "vision"]
+    if "pretrain" in parts:
+        write_pretrain(args.out)
+    if "chat" in parts:
+        write_chat(args.out, args.chat_examples, args.seed)
+    if "vision" in parts:
+        write_vision(args.out, args.seed, args.fashion_train, args.fashion_test, args.emoji_augmentations)
+    print(f"wrote {', '.join(parts)} under {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Image + text training: chat records with image parts -> packed (tokens, targets, pixel tiles).
+
+The text trainer (`llama4.train.trainer.Trainer`) knows tokens only. This module adds images
+without changing it, through the two hooks the Trainer already has:
+
+- the **data**: `ImageTextStream` packs image dialogs into rows of `seq_len` tokens and keeps,
+  per batch, the pixel tiles of the images whose `<|patch|>` tokens the batch's inputs hold;
+  `MixedStream` interleaves it with the Trainer's own text stream (so the decoder does not
+  forget its text while it learns to read images). It replaces `trainer.data.train`.
+- the **objective**: `ImageTextObjective` runs the vision tower on the batch's tiles and the
+  decoder on the tokens with those features at the `<|patch|>` positions (early fusion), and
+  returns the summed cross-entropy like the Trainer's own objective.
+
+Batches go through the Trainer's micro-batch loop in the order they were drawn, so the pixels
+travel beside the tokens in a FIFO queue shared by stream and objective.
+
+Records (JSONL) are OpenAI-style dialogs whose image parts name their image in ``"image"``:
+a file path, or a reference into the project's image data (/work/shared/data/images):
+``emoji:INDEX`` (emoji64.npz), ``fashion:train:INDEX`` / ``fashion:test:INDEX`` (Fashion-MNIST),
+each optionally with ``@aug:SEED``, a deterministic augmented view (scaled, shifted, background
+recoloured). The loss is taken on the assistant turns (the chat format's training mask).
+
+Run it (the vision stage of the bundled model, see recipes/nano_vision.toml)::
+
+    python -m llama4.train.multimodal --config recipes/nano_vision.toml
+
+The TOML is a run config (`llama4.train.config`) plus ``model`` (the text checkpoint to start
+from), ``images`` (JSONL files of image dialogs), ``text_every`` (every n-th batch is text from
+``data``) and a ``[vision]`` table of `VisionConfig` fields for the fresh vision tower.
+
+Shapes: B rows, L seq_len, N tiles, S tile side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import gzip
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from llama4.train.data import IGNORE
+
+IMAGE_DATA = Path("/work/shared/data/images")
+
+
+# -- images -------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _emoji() -> np.ndarray:
+    return np.load(IMAGE_DATA / "emoji64.npz")["images"]  # (3010, 64, 64, 3) uint8, white background
+
+
+@functools.cache
+def _fashion(split: str) -> np.ndarray:
+    prefix = {"train": "train", "test": "t10k"}[split]
+    with gzip.open(IMAGE_DATA / "fashion-mnist" / f"{prefix}-images-idx3-ubyte.gz") as f:
+        return np.frombuffer(f.read()[16:], dtype=np.uint8).reshape(-1, 28, 28)
+
+
+def augment(image: Image.Image, seed: int) -> Image.Image:
+    """A deterministic augmented view: background recoloured, scaled to 60-100%, shifted."""
+    rng = random.Random(seed)
+    img = image.convert("RGB")
+    w, h = img.size
+    bg = tuple(rng.randrange(256) for _ in range(3))
+    corner = img.getpixel((0, 0))
+    if min(corner) >= 240:  # a light background: flood it from the corners with the new colour
+        for xy in ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1)):
+            if min(img.getpixel(xy)) >= 240:
+                ImageDraw.floodfill(img, xy, bg, thresh=24)
+    scale = rng.uniform(0.6, 1.0)
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    small = img.resize((sw, sh), Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (w, h), bg)
+    canvas.paste(small, (rng.randint(0, w - sw), rng.randint(0, h - sh)))
+    return canvas
+
+
+def load_image_ref(ref: str) -> Image.Image:
+    """An image from a path or an ``emoji:I`` / ``fashion:SPLIT:I`` reference (``@aug:SEED`` optional)."""
+    ref, _, aug = ref.partition("@aug:")
+    kind, _, rest = ref.partition(":")
+    if kind == "emoji":
+        image = Image.fromarray(_emoji()[int(rest)])
+    elif kind == "fashion":
+        split, _, index = rest.partition(":")
+        image = Image.fromarray(_fashion(split)[int(index)]).convert("RGB")
+    else:
+        image = Image.open(ref).convert("RGB")
+    return augment(image, int(aug)) if aug else image
+
+
+def image_parts(messages: list[dict[str, Any]]) -> list[str]:
+    """The image references of a dialog, in order of appearance."""
+    refs = []
+    for m in messages:
+        if isinstance(m.get("content"), list):
+            for part in m["content"]:
+                if isinstance(part, dict) and part.get("type") in ("image", "image_url", "input_image"):
+                    refs.append(part.get("image") or part.get("image_url", {}).get("url"))
+    return refs
+
+
+# -- examples and packing ----------------------------------------------------------------------------
+
+
+class ImageDialogs:
+    """JSONL image dialogs -> (ids, loss mask, pixel tiles (N, 3, S, S)) per record."""
+
+    def __init__(self, files: list[str | Path], tokenizer, vision_cfg) -> None:
+        from llama4.chat import ChatFormat
+
+        self.records = []
+        for f in files:
+            for line in Path(f).read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    self.records.append(json.loads(line)["messages"])
+        self.chat = ChatFormat(tokenizer)
+        self.vision = vision_cfg
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def example(self, i: int) -> tuple[list[int], list[bool], torch.Tensor]:
+        from llama4.image import preprocess_image
+
+        messages = self.records[i]
+        grids, tiles = [], []
+        for ref in image_parts(messages):
+            img = preprocess_image(
+                load_image_ref(ref), tile_size=self.vision.image_size, max_tiles=self.vision.max_tiles
+            )
+            grids.append(img.grid)
+            tiles.append(img.pixel_values)
+        ids, mask = self.chat.encode_dialog_for_training(
+            messages, image_grids=grids, tokens_per_tile=self.vision.tokens_per_tile
+        )
+        s = self.vision.image_size
+        pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, s, s)
+        return ids, mask, pixels
+
+
+class ImageTextStream:
+    """Endless batches (inputs, targets) of packed image dialogs; tiles queued in `pixels`.
+
+    Whole dialogs are packed back to back into rows of L + 1 tokens (a dialog that does not fit
+    starts the next row; the rest of a row is `<|end_of_text|>` padding without loss), in an order
+    drawn from (seed, epoch). Each batch's tiles, in the order of its `<|patch|>` tokens, are
+    appended to `self.pixels` for the objective.
+    """
+
+    def __init__(self, dialogs: ImageDialogs, batch_size: int, seq_len: int, pad_id: int, seed: int) -> None:
+        self.dialogs, self.batch_size, self.seq_len, self.pad_id, self.seed = (
+            dialogs,
+            batch_size,
+            seq_len,
+            pad_id,
+            seed,
+        )
+        self.epoch, self.cursor = 0, 0
+        self.order = np.random.default_rng([seed, 0]).permutation(len(dialogs))
+        self.pending: tuple[list[int], list[bool], torch.Tensor] | None = None
+        self.pixels: collections.deque[torch.Tensor | None] = collections.deque()
+
+    def _next_example(self) -> tuple[list[int], list[bool], torch.Tensor]:
+        if self.pending is not None:
+            ex, self.pending = self.pending, None
+            return ex
+        if self.cursor == len(self.order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dialogs))
+        ex = self.dialogs.example(int(self.order[self.cursor]))
+        self.cursor += 1
+        return ex
+
+    def _row(self) -> tuple[list[int], list[bool], list[torch.Tensor]]:
+        ids: list[int] = []
+        mask: list[bool] = []
+        tiles: list[torch.Tensor] = []
+        width = self.seq_len + 1
+        while True:
+            ex = self._next_example()
+            if len(ex[0]) > width:
+                continue  # longer than a row: skipped
+            if len(ids) + len(ex[0]) > width:
+                self.pending = ex
+                break
+            ids += ex[0]
+            mask += ex[1]
+            tiles.append(ex[2])
+        pad = width - len(ids)
+        return ids + [self.pad_id] * pad, mask + [False] * pad, tiles
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self._row() for _ in range(self.batch_size)]
+        tokens = torch.tensor([r[0] for r in rows], dtype=torch.long)  # (B, L + 1)
+        mask = torch.tensor([r[1] for r in rows], dtype=torch.bool)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+        targets[~mask[:, 1:]] = IGNORE
+        # Dialogs end with <|eot|>, so no image is cut by the row's last (target-only) token.
+        self.pixels.append(torch.cat([t for r in rows for t in r[2]]))
+        return inputs, targets
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "dialogs": len(self.dialogs)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dialogs))
+
+
+class MixedStream:
+    """Image batches, with every `text_every`-th batch taken from a text stream instead."""
+
+    def __init__(self, images: ImageTextStream, text, text_every: int) -> None:
+        self.images, self.text, self.text_every = images, text, text_every
+        self.count = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.count += 1
+        if self.text_every > 0 and self.count % self.text_every == 0:
+            self.images.pixels.append(None)
+            return self.text.next()
+        return self.images.next()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "images": self.images.state_dict(), "text": self.text.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = state["count"]
+        self.images.load_state_dict(state["images"])
+        self.text.load_state_dict(state["text"])
+
+
+class ImageTextObjective:
+    """Summed cross-entropy of a batch, the vision tower's features fused at `<|patch|>` tokens."""
+
+    def __init__(self, pixels: collections.deque) -> None:
+        self.pixels = pixels
+
+    def __call__(self, model, inputs: torch.Tensor, targets: torch.Tensor):
+        from llama4.train.trainer import cross_entropy_sum
+
+        tiles = self.pixels.popleft()
+        if tiles is None or tiles.shape[0] == 0:
+            return cross_entropy_sum(model, inputs, targets), {}
+        features = model.image_features(tiles.to(inputs.device))  # (N, K, D)
+        h = model.hidden(inputs, image_features=features)  # (B, L, D)
+        logits = model.output(h).float()
+        return F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+        ), {}
+
+
+# -- model ----------------------------------------------------------------------------------------------
+
+
+def add_vision_tower(text_model_dir: str | Path, vision_cfg, image_token_id: int, seed: int = 0):
+    """The text checkpoint's decoder with a freshly initialised vision tower (float32, train mode).
+
+    image_token_id: the tokenizer's `<|patch|>` id (200092 only for Llama 4's own vocabulary).
+    """
+    import llama4
+    from llama4.checkpoint.io import build
+    from llama4.config import ModelConfig
+
+    text_model = llama4.load(text_model_dir, dtype=torch.float32)
+    cfg = ModelConfig(text=text_model.config.text, vision=vision_cfg, image_token_id=image_token_id)
+    torch.manual_seed(seed)
+    model = build(cfg, device="cpu")  # modules initialise themselves (the vision tower's init)
+    missing, unexpected = model.load_state_dict(text_model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("vision.") for k in missing), (missing[:5], unexpected[:5])
+    return model.train()
+
+
+# -- command -------------------------------------------------------------------------------------------
+
+
+def read_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run-config values for TrainConfig, this stage's own keys) from a TOML file."""
+    import tomllib
+
+    from llama4.train.config import FIELDS
+
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    own = {k: raw.pop(k) for k in ("images", "text_every", "vision") if k in raw}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise ValueError(f"{path}: unknown key {key!r}")
+        values[name] = [value] if name in ("data", "val_data") and isinstance(value, str) else value
+    return values, own
+
+
+def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
+    """Run the vision stage described by a TOML file; returns the Trainer's last metrics record."""
+    from llama4.config import VisionConfig
+    from llama4.train.config import TrainConfig
+    from llama4.train.trainer import Trainer
+
+    values, own = read_config(config)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**values)
+    vision_cfg = VisionConfig(**own["vision"])
+    from llama4.train.data import load_tokenizer
+    from llama4.train.trainer import tokenizer_path_for
+
+    patch_id = load_tokenizer(tokenizer_path_for(cfg, cfg.model)).special_tokens["<|patch|>"]
+    model = add_vision_tower(cfg.model, vision_cfg, patch_id, cfg.seed)
+    trainer = Trainer(cfg, model=model, sft=True)  # data: chat JSONL (text) for the mix
+    dialogs = ImageDialogs(own["images"], trainer.tokenizer, vision_cfg)
+    images = ImageTextStream(dialogs, cfg.batch_size, cfg.seq_len, trainer.tokenizer.eos_id, cfg.seed)
+    trainer.data.train = MixedStream(images, trainer.data.train, int(own.get("text_every", 0)))
+    trainer.objective = ImageTextObjective(images.pixels)
+    trainer.log(
+        f"vision stage: {len(dialogs)} image dialogs, tiles {vision_cfg.image_size}px, "
+        f"{vision_cfg.tokens_per_tile} tokens per tile, every {own.get('text_every', 0)}th batch text"
+    )
+    return trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Train a text checkpoint's vision tower and decoder on image dialogs."
+    )
+    p.add_argument("--config", required=True, help="TOML: run config + model, images, text_every, [vision]")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--out")
+    p.add_argument("--model")
+    args = p.parse_args(argv)
+    print(json.dumps(train_vision(args.config, steps=args.steps, out=args.out, model=args.model)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
