@@ -20,6 +20,7 @@ Shapes: B batch, L seq_len. Targets use -100 where no loss is taken.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -48,10 +49,13 @@ def load_tokenizer(path: str | Path | None):
 
 
 def tokenizer_fingerprint(tokenizer_path: str | Path | None, tokenizer) -> str:
-    """Identifies the tokenizer in cache keys: the file's content hash, or 'default'."""
+    """Identifies the tokenizer in cache keys: its file's content hash and its vocabulary size."""
     if tokenizer_path is None:
-        return f"default:{tokenizer.vocab_size}"
-    return hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
+        from llama4.tokenizer import _installed_llama4_model  # the file Tokenizer.default() reads
+
+        tokenizer_path = _installed_llama4_model()
+    digest = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest() if tokenizer_path else "default"
+    return f"{digest}:{tokenizer.vocab_size}"
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -89,13 +93,10 @@ def _cache_key(kind: str, files: list[Path], tok_id: str) -> str:
     return h.hexdigest()[:24]
 
 
-def _write_atomic(path: Path, data: bytes | np.ndarray) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        if isinstance(data, np.ndarray):
-            data.tofile(f)
-        else:
-            f.write(data)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -170,27 +171,35 @@ def build_store(
     tok_file, mask_file, meta_file = (cache_dir / f"{key}.{ext}" for ext in ("tokens", "mask", "json"))
     if not meta_file.exists():  # the meta file is written last: its presence means complete
         log(f"tokenising {len(files)} file(s) into {tok_file}")
-        chunks, masks, docs = [], [], 0
-        if sft:
-            for ids, m in _sft_examples(files, tokenizer):
-                chunks.append(np.asarray(ids, dtype=np.uint32))
-                masks.append(np.asarray(m, dtype=np.uint8))
+        tmp_tok = tok_file.with_name(f"{tok_file.name}.tmp{os.getpid()}")
+        tmp_mask = mask_file.with_name(f"{mask_file.name}.tmp{os.getpid()}")
+        n_tokens, docs = 0, 0
+        # Streamed to disk document by document: the corpus never has to fit in memory as ids.
+        with open(tmp_tok, "wb") as ft, open(tmp_mask, "wb") if sft else contextlib.nullcontext() as fm:
+            examples = (
+                _sft_examples(files, tokenizer)
+                if sft
+                else ((tokenizer.encode(text, bos=True, eos=True), None) for text in _text_documents(files))
+            )
+            for ids, mask in examples:
+                np.asarray(ids, dtype=np.uint32).tofile(ft)
+                if sft:
+                    np.asarray(mask, dtype=np.uint8).tofile(fm)
+                n_tokens += len(ids)
                 docs += 1
-        else:
-            for text in _text_documents(files):
-                chunks.append(np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=np.uint32))
-                docs += 1
-        tokens = np.concatenate(chunks) if chunks else np.zeros(0, np.uint32)
-        _write_atomic(tok_file, tokens)
+            for f in (ft, fm) if sft else (ft,):
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp_tok, tok_file)
         if sft:
-            _write_atomic(mask_file, np.concatenate(masks))
+            os.replace(tmp_mask, mask_file)
         meta = {
             "version": CACHE_VERSION,
             "kind": "sft" if sft else "text",
             "files": [str(f) for f in files],
             "tokenizer": tok_id,
             "documents": docs,
-            "tokens": int(len(tokens)),
+            "tokens": n_tokens,
         }
         _write_atomic(meta_file, json.dumps(meta, indent=1).encode())
     meta = json.loads(meta_file.read_text())
