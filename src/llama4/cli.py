@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("llama4.train.commands.merge", "merge a LoRA adapter into its base model"),
     "plot": ("llama4.train.commands.plot", "PNG charts of a training run's metrics.jsonl"),
     "eval": ("llama4.eval", "bits per byte of a text file under a model (default: the bundled one)"),
+    "serve": ("llama4.serve.cli", "OpenAI-compatible HTTP server and web chat page"),
 }
 
 

@@ -1,0 +1,125 @@
+"""``llama4 serve``: the OpenAI-compatible server and web chat page for one model.
+
+    llama4 serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--max-batch 16] [--api-key KEY]
+
+Binds the loopback address unless ``--host`` says otherwise; ``--api-key`` (or the
+``LLAMA4_API_KEY`` environment variable) makes every API call need ``Authorization: Bearer KEY``.
+Once listening it prints ``llama4 serve: listening on http://HOST:PORT`` (``--port 0`` picks a
+free port and prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port; default 8000)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots)")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="tokens per sequence, prompt + completion (default: min(model's max_seq_len, 8192))",
+    )
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
+    p.add_argument("--prefill-budget", type=int, default=512, help="prompt tokens per scheduler step")
+    p.add_argument("--no-prefix-cache", action="store_true", help="do not reuse finished sequences' cache")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LLAMA4_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $LLAMA4_API_KEY; none: open)",
+    )
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: as stored)"
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--served-model-name", help="model id in the API (default: the checkpoint folder's name)")
+    p.add_argument("--max-body-mb", type=float, default=32, help="largest request body, MiB")
+    p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace) -> int:
+    import socket
+    import time
+
+    import torch
+    import uvicorn
+
+    from llama4.engine.assets import default_model_path, load_model_and_tokenizer
+    from llama4.engine.cache import kv_cache_bytes
+    from llama4.engine.engine import Engine
+    from llama4.serve.app import create_app
+    from llama4.serve.inputs import Limits, ServedModel
+    from llama4.serve.scheduler import Scheduler
+
+    def fail(message: str) -> int:
+        print(f"llama4 serve: {message}", file=sys.stderr)
+        return 2
+
+    if args.max_batch < 1:
+        return fail(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        path = args.model if args.model is not None else default_model_path()
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer, path = load_model_and_tokenizer(path, dtype=args.dtype)
+        model = model.to(device)
+    except (FileNotFoundError, ValueError) as e:
+        return fail(str(e))
+    cfg = model.config.text
+    max_len = args.max_len or min(cfg.max_seq_len, 8192)
+    engine = Engine(
+        model, slots=args.max_batch, max_len=max_len, prefill_chunk=max(2048, args.prefill_budget)
+    )
+    scheduler = Scheduler(
+        engine,
+        tokenizer,
+        max_queue=args.max_queue,
+        prefill_budget=args.prefill_budget,
+        prefix_cache=not args.no_prefix_cache,
+    )
+    served = ServedModel(
+        id=args.served_model_name or path.name,
+        model=model,
+        tokenizer=tokenizer,
+        max_len=max_len,
+        limits=Limits(max_images=args.max_images),
+        created=int(time.time()),
+    )
+    app = create_app(
+        served, scheduler, api_key=args.api_key or None, max_body_bytes=int(args.max_body_mb * (1 << 20))
+    )
+
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections queue from now on, before uvicorn's loop starts
+    except OSError as e:
+        return fail(f"cannot listen on {args.host}:{args.port}: {e}")
+    port = sock.getsockname()[1]
+    per_slot = kv_cache_bytes(cfg, max_len, engine.cache.gk.element_size())
+    print(
+        f"llama4 serve: model {served.id} ({path}), {args.max_batch} slots x {max_len} tokens, "
+        f"KV cache {engine.cache.nbytes / 2**20:.1f} MiB ({per_slot / 2**20:.1f} MiB per full slot), {device}",
+        flush=True,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(
+            f"llama4 serve: WARNING: listening on {args.host} without --api-key: anyone who can reach it can use it"
+        )
+    print(f"llama4 serve: listening on http://{args.host if ':' not in args.host else f'[{args.host}]'}:{port}",
+          flush=True)  # fmt: skip
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
