@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("llama4.train.commands.plot", "PNG charts of a training run's metrics.jsonl"),
     "eval": ("llama4.eval", "bits per byte of a text file under a model (default: the bundled one)"),
     "serve": ("llama4.serve.cli", "OpenAI-compatible HTTP server and web chat page"),
+    "generate": ("llama4.engine.generate_cli", "complete a prompt (text or token ids), streamed or as JSON"),
+    "chat": ("llama4.engine.chat_cli", "interactive chat in the terminal (default: the bundled model)"),
 }
 
 

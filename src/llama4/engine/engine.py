@@ -21,6 +21,7 @@ conditions and streamed text.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,7 +170,8 @@ class Engine:
                 piece_feats = torch.cat(parts) if parts else None
             tokens = tokens.to(self.device)
             positions = self.cache.begin([slots[b] for b in rows], [len(p) for p in pieces], T)
-            h = self._hidden(tokens, positions=positions, cache=self.cache, image_features=piece_feats)
+            with self._rollback_on_error(slots):
+                h = self._hidden(tokens, positions=positions, cache=self.cache, image_features=piece_feats)
             ends = [
                 (r, b, len(p))
                 for r, (b, p) in enumerate(zip(rows, pieces))
@@ -190,10 +192,21 @@ class Engine:
         """Append one token to each slot; return the next-token logits (B, V) (at least float32)."""
         positions = self.cache.begin(slots, [1] * len(slots), 1)
         x = torch.tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]
-        h = self._hidden(x, positions=positions, cache=self.cache)
+        with self._rollback_on_error(slots):
+            h = self._hidden(x, positions=positions, cache=self.cache)
         for s, t in zip(slots, tokens):
             self.history[s].append(t)
         return _upcast(self.model.output(h[:, 0]))
+
+    @contextlib.contextmanager
+    def _rollback_on_error(self, slots: Sequence[int]) -> Iterator[None]:
+        """A forward that fails (or is interrupted by Ctrl-C) leaves the slots as they were."""
+        try:
+            yield
+        except BaseException:
+            for s in slots:
+                self.cache.lengths[s] = len(self.history[s])
+            raise
 
     # ----- generation -----------------------------------------------------------------------------
 
