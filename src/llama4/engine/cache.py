@@ -43,11 +43,11 @@ class _Step:
     rows: slice | torch.Tensor  # which cache rows, as a slice when they are consecutive
     T: int
     # Global layers: where the valid new tokens go, what to attend to, the mask.
-    g_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # row, pos, b, t
+    g_write: tuple | None  # (slot, position, sel): see _write
     g_len: int  # S for global layers
     g_mask: torch.Tensor | None
     # Local layers.
-    l_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+    l_write: tuple | None
     l_prior: int  # stored local entries to prepend (T > 1) ...
     l_len: int  # ... or, for a decode step (T == 1), S for local layers
     l_mask: torch.Tensor | None
@@ -140,71 +140,87 @@ class KVCache:
             assert 1 <= n <= T, f"slot {s}: {n} new tokens in a forward of {T}"
             if e > self.max_len:
                 raise ValueError(f"slot {s} would hold {e} tokens, more than max_len={self.max_len}")
-        dev, C = self.device, self.chunk
-        start_t = torch.tensor(starts, device=dev)
-        pos = start_t[:, None] + torch.arange(T, device=dev)  # (B, T)
+        dev = self.device
         first = slots[0]
         rows: slice | torch.Tensor = (
             slice(first, first + B)
             if list(slots) == list(range(first, first + B))
             else torch.tensor(slots, device=dev)
         )
+        if T == 1:
+            pos = self._begin_decode(slots, starts, rows)
+        else:
+            pos = self._begin_general(slots, n_new, T, starts, ends, rows)
+        for s, e in zip(slots, ends):
+            self.lengths[s] = e
+        return pos
+
+    def _begin_decode(self, slots: Sequence[int], starts: list[int], rows) -> torch.Tensor:
+        """One new token per row: few small tensors, masks only when rows differ in length."""
+        dev, C = self.device, self.chunk
+        pos = torch.tensor(starts, device=dev)  # (B,)
+        slot_t = torch.tensor(list(slots), device=dev)
+        g_len = max(starts) + 1
+        g_mask = None  # every row attends to all its positions 0..pos
+        if len(set(starts)) > 1:
+            g_mask = (torch.arange(g_len, device=dev) <= pos[:, None])[:, None, None]  # (B,1,1,S)
+        offs = [a % C for a in starts]  # index of the new token in the local buffers
+        l_len = max(offs) + 1
+        l_mask = None
+        if len(set(offs)) > 1:
+            l_mask = (torch.arange(l_len, device=dev) <= (pos % C)[:, None])[:, None, None]  # (B,1,1,S)
+        self._step = _Step(
+            rows, 1, (slot_t, pos, None), g_len, g_mask, (slot_t, pos % C, None), 0, l_len, l_mask
+        )
+        return pos[:, None]
+
+    def _begin_general(self, slots, n_new, T, starts, ends, rows) -> torch.Tensor:
+        """Several tokens per row (prefill), rows right-padded to T."""
+        dev, C = self.device, self.chunk
+        start_t = torch.tensor(starts, device=dev)
+        pos = start_t[:, None] + torch.arange(T, device=dev)  # (B, T)
+        slot_t = torch.tensor(list(slots), device=dev)
 
         # Valid (stored) tokens: row b, time t < n_new[b].
         n_t = torch.tensor(list(n_new), device=dev)
         valid = torch.arange(T, device=dev)[None] < n_t[:, None]  # (B, T)
         all_valid = all(n == T for n in n_new)
-        slot_t = torch.tensor(list(slots), device=dev)
         if all_valid:
-            b_idx = torch.arange(B, device=dev).repeat_interleave(T)
-            t_idx = torch.arange(T, device=dev).repeat(B)
+            g_write = (slot_t.repeat_interleave(T), pos.flatten(), None)
         else:
             b_idx, t_idx = valid.nonzero(as_tuple=True)
-        g_write = (slot_t[b_idx], pos[b_idx, t_idx], b_idx, t_idx)
+            g_write = (slot_t[b_idx], pos[b_idx, t_idx], (b_idx, t_idx))
 
         # Global layers: write first, then attend over [0, max end) of the rows.
         g_len = max(ends)
         same = len(set(starts)) == 1
-        if same and (T == 1 or (starts[0] == 0 and all_valid)):
-            g_mask = None  # T == 1: everything up to pos; else plain causal with S == T
+        if same and starts[0] == 0 and all_valid:
+            g_mask = None  # plain causal with S == T
         else:
             g_mask = (torch.arange(g_len, device=dev)[None, None] <= pos[:, :, None])[:, None]  # (B,1,T,S)
 
-        # Local layers: only new tokens in the chunk of each row's last token are stored.
-        last = torch.tensor([e - 1 for e in ends], device=dev)
-        keep = valid & (pos // C == (last // C)[:, None])
-        if T == 1:
-            l_prior = 0
-            offs = [a % C for a in starts]
-            l_len = max(offs) + 1
-            if len(set(offs)) == 1:
-                l_mask = None
-            else:
-                off_t = torch.tensor(offs, device=dev)
-                l_mask = (torch.arange(l_len, device=dev)[None] <= off_t[:, None])[:, None, None]  # (B,1,1,S)
+        # Local layers: attend over the stored part of each row's current chunk plus the new
+        # tokens, each query inside its own chunk; store only new tokens of the last chunk.
+        priors = [a % C for a in starts]  # stored entries of the chunk each row is in
+        l_prior = max(priors)
+        qchunk = pos // C  # (B, T)
+        new_mask = (pos[:, None, :] <= pos[:, :, None]) & (qchunk[:, None, :] == qchunk[:, :, None])
+        if l_prior:
+            prior_t = torch.tensor(priors, device=dev)
+            j = torch.arange(l_prior, device=dev)
+            in_first_chunk = (qchunk == (start_t // C)[:, None])[:, :, None]  # (B, T, 1)
+            old_mask = (j[None, None] < prior_t[:, None, None]) & in_first_chunk  # (B, T, prior)
+            l_mask = torch.cat([old_mask, new_mask], dim=-1)[:, None]
+        elif same and starts[0] == 0 and all_valid and T <= C:
+            l_mask = None  # one chunk from position 0: plain causal
         else:
-            priors = [a % C for a in starts]  # stored entries of the chunk each row is in
-            l_prior = max(priors)
-            l_len = l_prior + T
-            qchunk = pos // C  # (B, T)
-            new_mask = (pos[:, None, :] <= pos[:, :, None]) & (qchunk[:, None, :] == qchunk[:, :, None])
-            if l_prior:
-                prior_t = torch.tensor(priors, device=dev)
-                j = torch.arange(l_prior, device=dev)
-                old_mask = (j[None, None] < prior_t[:, None, None]) & (qchunk == (start_t // C)[:, None])[
-                    :, :, None
-                ]  # (B, T, prior)
-                l_mask = torch.cat([old_mask, new_mask], dim=-1)[:, None]
-            elif same and starts[0] == 0 and all_valid and T <= C:
-                l_mask = None  # one chunk from position 0: plain causal
-            else:
-                l_mask = new_mask[:, None]
+            l_mask = new_mask[:, None]
+        last = torch.tensor([e - 1 for e in ends], device=dev)
+        keep = valid & (qchunk == (last // C)[:, None])
         kb, kt = keep.nonzero(as_tuple=True)
-        l_write = (slot_t[kb], pos[kb, kt] % C, kb, kt) if kb.numel() else None
+        l_write = (slot_t[kb], pos[kb, kt] % C, (kb, kt)) if kb.numel() else None
 
-        self._step = _Step(rows, T, g_write, g_len, g_mask, l_write, l_prior, l_len, l_mask)
-        for s, e in zip(slots, ends):
-            self.lengths[s] = e
+        self._step = _Step(rows, T, g_write, g_len, g_mask, l_write, l_prior, l_prior + T, l_mask)
         return pos
 
     def update(
@@ -239,13 +255,18 @@ def _rows(buf: torch.Tensor, rows: slice | torch.Tensor, length: int) -> torch.T
 
 
 def _write(kbuf, vbuf, k, v, where) -> None:
-    """Scatter new k, v (B, K, T, Dh) into the (N, K, L, Dh) buffers at (slot, index)."""
+    """Scatter new k, v (B, K, T, Dh) into the (N, K, L, Dh) buffers at (slot, index).
+
+    where = (slot, index, sel): destination of each stored token, and which (b, t) of the
+    forward they are (None: all B*T tokens in order)."""
     if where is None:
         return
-    slot, idx, b, t = where
-    # (N, L, K, Dh) views: index_put_ writes through to the buffers.
-    kbuf.transpose(1, 2).index_put_((slot, idx), k.transpose(1, 2)[b, t])
-    vbuf.transpose(1, 2).index_put_((slot, idx), v.transpose(1, 2)[b, t])
+    slot, idx, sel = where
+    for buf, new in ((kbuf, k), (vbuf, v)):
+        new = new.transpose(1, 2)  # (B, T, K, Dh)
+        new = new.flatten(0, 1) if sel is None else new[sel]
+        # (N, L, K, Dh) view: index_put_ writes through to the buffer.
+        buf.transpose(1, 2).index_put_((slot, idx), new)
 
 
 # --------------------------------------------------------------------------------------------
