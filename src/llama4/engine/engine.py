@@ -22,6 +22,7 @@ conditions and streamed text.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,7 +101,8 @@ class Engine:
         )
         self.prefill_chunk = prefill_chunk
         self.history: list[list[int]] = [[] for _ in range(slots)]  # tokens stored per slot
-        self._hidden = torch.compile(model.hidden, dynamic=True) if compile else model.hidden
+        self._hidden = self._compiled_hidden if compile else model.hidden
+        self._compiled = torch.compile(model.hidden, dynamic=True) if compile else None
 
     @property
     def slots(self) -> int:
@@ -197,6 +199,18 @@ class Engine:
         for s, t in zip(slots, tokens):
             self.history[s].append(t)
         return _upcast(self.model.output(h[:, 0]))
+
+    def _compiled_hidden(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The compiled forward; if compiling fails, warn once and stay eager. The step is rerun
+        eagerly: any cache entries a partial run wrote are rewritten with the same values."""
+        try:
+            return self._compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any compiler failure
+            warnings.warn(
+                f"torch.compile failed, running eagerly: {str(e).splitlines()[0][:300]}", stacklevel=2
+            )
+            self._hidden = self.model.hidden
+            return self.model.hidden(*args, **kwargs)
 
     @contextlib.contextmanager
     def _rollback_on_error(self, slots: Sequence[int]) -> Iterator[None]:
