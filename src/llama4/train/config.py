@@ -70,9 +70,9 @@ class TrainConfig:
     save_merged: bool = False  # LoRA: also write the merged model to OUT/model
     # -- distillation ----------------------------------------------------------------------------
     teacher: str | None = None  # HF checkpoint directory of the teacher
-    temperature: float = 2.0  # softening of both distributions in the KL term
+    temperature: float = 1.0  # softening of both distributions in the KL term (2.0 hurt: see distill.py)
     weighting: str = "dynamic"  # hard, fixed or dynamic (see llama4.train.distill)
-    soft_weight: float = 0.5  # fixed: weight of the soft term; dynamic: its largest value
+    soft_weight: float | None = None  # fixed: weight of the soft term (0.5); dynamic: its maximum (1.0)
 
     def __post_init__(self) -> None:
         assert self.steps >= 1, f"steps={self.steps} must be >= 1"
@@ -84,6 +84,8 @@ class TrainConfig:
             f"weighting={self.weighting!r} not in hard/fixed/dynamic"
         )
         assert 0.0 <= self.val_fraction < 1.0, f"val_fraction={self.val_fraction} not in [0, 1)"
+        if self.soft_weight is None:
+            self.soft_weight = {"hard": 0.0, "fixed": 0.5, "dynamic": 1.0}[self.weighting]
 
     @property
     def warmup(self) -> int:

@@ -14,7 +14,8 @@ and the soft weight w_t is
 
 - `hard`:    0 (plain cross-entropy: the baseline);
 - `fixed`:   a constant w (`--soft-weight`, default 0.5), the classic Hinton et al. mix;
-- `dynamic`: w_t = w_max * p_T(y_t) / (p_T(y_t) + p_S(y_t)), computed without gradient.
+- `dynamic`: w_t = w_max * p_T(y_t) / (p_T(y_t) + p_S(y_t)), computed without gradient
+             (`--soft-weight` sets w_max, default 1).
 
 The dynamic weight is the teacher's share of the probability the two models put on the right
 token: how much more the teacher knows about *this* token than the student does *now*.
@@ -30,6 +31,13 @@ token: how much more the teacher knows about *this* token than the student does 
 The tau^2 factor keeps the soft term's gradient on the scale of the hard term's (Hinton et al.
 2015). The teacher runs under `torch.inference_mode`, once per micro-batch; validation loss is
 always the plain cross-entropy, so runs with any weighting compare directly.
+
+Measured (`benchmarks/distill_experiment.py`: a 4.5M-parameter teacher, a 0.7M-parameter
+student, 614k training tokens per student, validation loss on a book never trained on):
+hard targets 4.48 nats/token; fixed 0.5 mix 4.09; dynamic 4.05 (teacher: 3.77), all at
+temperature 1. At temperature 2 both soft variants did worse than hard targets alone (fixed
+4.66, dynamic 4.90): a small student spends its capacity on the flattened tail, so the default
+temperature is 1.
 
 Shapes: B batch, T tokens, V vocabulary.
 """

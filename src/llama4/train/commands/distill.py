@@ -15,9 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="teacher checkpoint directory (HF format)")
     p.add_argument("--student", help="student: a preset name (fresh model) or a checkpoint directory")
     add_common_arguments(p)
-    p.add_argument("--temperature", type=float, help="softening of the KL term (2.0)")
+    p.add_argument("--temperature", type=float, help="softening of the KL term (1.0)")
     p.add_argument("--weighting", choices=["hard", "fixed", "dynamic"], help="soft/hard weighting (dynamic)")
-    p.add_argument("--soft-weight", type=float, help="fixed: weight of the soft term; dynamic: its maximum")
+    p.add_argument(
+        "--soft-weight", type=float, help="fixed: weight of the soft term (0.5); dynamic: its maximum (1.0)"
+    )
     p.add_argument("--sft", action="store_true", help="the data is fine-tuning JSONL (loss masks)")
 
 
