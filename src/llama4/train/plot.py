@@ -64,6 +64,10 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         top.axhline(1.0, color="gray", lw=0.8, ls="--")
         top.set(ylabel="max expert load / mean", title="expert load")
         bottom.set(xlabel="step", ylabel="dead experts")
+        bottom.set_ylim(
+            bottom=-0.1, top=max(1, *(e["dead"] for r in with_experts for e in r["experts"])) + 0.5
+        )
+        bottom.yaxis.get_major_locator().set_params(integer=True)
         for a in (top, bottom):
             a.grid(alpha=0.3)
         if len(layers) <= 12:
