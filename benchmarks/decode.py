@@ -1,0 +1,271 @@
+"""Decode speed: llama4's engine vs transformers' ``generate``, against the memory roofline.
+
+One random MoE checkpoint (written by ``llama4.save``, read by both), float32, greedy, batch 1
+and batch 8 (equal-length prompts, so transformers needs no padding). Decode tokens/s =
+new tokens after the first / time after the first token (prefill excluded for both).
+
+Roofline: at small batch, decoding streams the weights from memory once per step. The bytes a
+step must read (attention, router, shared expert, the experts the step's tokens chose, the
+output head, one embedding row per token, the KV cache) divided by this machine's bandwidth
+(measured here with a large fp32 matvec, the same kind of operation) is the fastest a step
+can be; "roofline" is that time / the measured step time. transformers runs every expert on
+every token (its Llama4TextExperts is a dense bmm), so it reads all E experts per layer.
+
+    python benchmarks/decode.py [--dim 1024 --layers 8 --experts 16 --expert-dim 2048 --vocab 32000
+                                 --threads 2 --new-tokens 32 --prompt 32 --batches 1,8 --repeats 3]
+
+The machine may be shared: each figure is the best of --repeats runs, and the load average is
+printed. OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set): with the default
+active spinning, a second busy process on a 2-core machine makes every parallel op wait for a
+descheduled thread, and decoding gets up to 10x slower.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def matvec_bandwidth(
+    dtype: torch.dtype = torch.float32, n: int = 8192, reps: int = 15
+) -> tuple[float, float]:
+    """(GB/s, ms) of y = W x for an n x n matrix (256 MiB in fp32: far beyond the caches)."""
+    W = torch.randn(n, n).to(dtype)
+    x = torch.randn(1, n).to(dtype)
+    for _ in range(3):
+        F.linear(x, W)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        F.linear(x, W)
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    return W.numel() * W.element_size() / best / 1e9, best * 1e3
+
+
+def config(args):
+    from llama4.config import ModelConfig, MoEConfig, TextConfig
+
+    return ModelConfig(
+        text=TextConfig(
+            vocab_size=args.vocab,
+            dim=args.dim,
+            n_layers=args.layers,
+            n_heads=args.dim // 128,
+            n_kv_heads=max(1, args.dim // 512),
+            head_dim=128,
+            dense_hidden_dim=2 * args.expert_dim,
+            attention_chunk_size=8192,
+            max_seq_len=8192,
+            moe=MoEConfig(num_experts=args.experts, top_k=1, hidden_dim=args.expert_dim, interleave_step=1),
+        )
+    )
+
+
+def checkpoint(args) -> Path:
+    """The random checkpoint for these sizes (kept in the temp dir between runs)."""
+    import llama4
+    from llama4.model.transformer import Transformer
+
+    cfg = config(args)
+    key = hashlib.sha1(cfg.to_json().encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"llama4-bench-decode-{key}"
+    if not (path / "config.json").is_file():
+        model = Transformer(cfg)
+        model.init_weights(seed=0)
+        tmp = path.with_suffix(".partial")
+        llama4.save(model, tmp)
+        tmp.rename(path)
+    return path
+
+
+def step_bytes(model, engine_routing: list[int], batch: int, kv_tokens: int) -> dict[str, float]:
+    """Bytes one decode step reads, for our engine and for a dense-experts implementation.
+
+    engine_routing: distinct experts chosen per MoE layer in this step (summed over layers).
+    """
+    t = model.config.text
+    size = lambda p: p.numel() * p.element_size()  # noqa: E731
+    common = (
+        size(model.norm.weight)
+        + size(model.output.weight)
+        + batch * t.dim * model.tok_embeddings.weight.element_size()
+    )
+    expert_bytes = 0
+    for layer in model.layers:
+        common += sum(size(p) for p in layer.attention.parameters())
+        common += size(layer.attention_norm.weight) + size(layer.ffn_norm.weight)
+        ff = layer.feed_forward
+        if hasattr(ff, "experts"):
+            common += size(ff.router.weight) + sum(size(p) for p in ff.shared_expert.parameters())
+            expert_bytes = size(ff.experts.gate_up_proj[0]) + size(ff.experts.down_proj[0])
+        else:
+            common += sum(size(p) for p in ff.parameters())
+    kv = 2 * t.n_kv_heads * t.head_dim * 4 * kv_tokens * t.n_layers * batch  # fp32 cache, upper bound
+    n_moe = sum(t.is_moe)
+    return {
+        "ours": common + sum(engine_routing) * expert_bytes + kv,
+        "dense_experts": common + n_moe * t.moe.num_experts * expert_bytes + kv,
+    }
+
+
+def count_routing(model, engine, prompts, n_new) -> list[list[int]]:
+    """Distinct experts per MoE layer at each decode step of a greedy run (untimed)."""
+    from llama4.model.moe import MoE
+
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    slots = list(range(len(prompts)))
+    logits = engine.prefill(slots, prompts)
+    steps = []
+    for _ in range(n_new - 1):
+        logits = engine.decode(slots, logits.argmax(-1).tolist())
+        steps.append([int(m.last_routing.experts.unique().numel()) for m in moes])
+    for s in slots:
+        engine.free(s)
+    return steps
+
+
+def time_ours(engine, prompts, n_new, repeats) -> tuple[float, list[list[int]]]:
+    """Best decode seconds for n_new - 1 steps (after the first token), and the tokens."""
+    from llama4.engine import SamplingParams
+
+    best, tokens = float("inf"), None
+    params = SamplingParams(max_tokens=n_new)
+    for _ in range(repeats):
+        first = None
+        out = [[] for _ in prompts]
+        for ev in engine.stream(prompts, params):
+            if first is None:
+                first = time.perf_counter()
+            out[ev.index].append(ev.token)
+        best = min(best, time.perf_counter() - first)
+        tokens = out
+    return best, tokens
+
+
+def time_hf(hf, prompts, n_new, repeats) -> tuple[float, list[list[int]]]:
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None)
+    best, tokens = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **kw)
+        tn = time.perf_counter() - t
+        best = min(best, tn - t1)
+        tokens = out[:, ids.shape[1] :].tolist()
+    return best, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--expert-dim", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    import llama4
+    from llama4.engine import Engine
+
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; torch {torch.__version__}, "
+          f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")  # fmt: skip
+    bw, bw_ms = matvec_bandwidth(torch.float32)
+    bw16, bw16_ms = matvec_bandwidth(torch.bfloat16)
+    print(f"matvec 8192x8192: fp32 {bw_ms:.1f} ms = {bw:.1f} GB/s (the roofline's bandwidth); "
+          f"bf16 {bw16_ms:.1f} ms = {bw16:.1f} GB/s ({bw_ms / bw16_ms:.2f}x the fp32 speed)")  # fmt: skip
+
+    path = checkpoint(args)
+    model = llama4.load(path, dtype="float32")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: dim {args.dim}, {args.layers} layers, {args.experts} experts x {args.expert_dim}, "
+          f"vocab {args.vocab}: {n_params / 1e6:.0f}M params ({n_params * 4 / 2**30:.2f} GiB fp32)")  # fmt: skip
+    hf = None
+    if not args.no_hf:
+        from transformers import Llama4ForCausalLM
+
+        hf = Llama4ForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+    results = {"bandwidth_gbps": bw, "bf16_over_fp32_matvec_speed": bw_ms / bw16_ms, "batches": {}}
+    g = torch.Generator().manual_seed(0)
+    n = args.new_tokens
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = torch.randint(0, args.vocab, (batch, args.prompt), generator=g).tolist()
+        engine = Engine(model, slots=batch, max_len=args.prompt + n + 1)
+        routing = count_routing(model, engine, prompts, n)
+        with torch.inference_mode():
+            ours_s, ours_tokens = time_ours(engine, prompts, n, args.repeats)
+        steps = n - 1
+        step_s = ours_s / steps
+        kv_tokens = args.prompt + n // 2
+        per_step = [step_bytes(model, r, batch, kv_tokens) for r in routing]
+        ours_bytes = statistics.mean(b["ours"] for b in per_step)
+        dense_bytes = per_step[0]["dense_experts"]
+        roof_s = ours_bytes / (bw * 1e9)
+        row = {
+            "ours_tokens_per_s": batch * steps / ours_s,
+            "ours_step_ms": step_s * 1e3,
+            "bytes_per_step_ours_mb": ours_bytes / 1e6,
+            "roofline_step_ms": roof_s * 1e3,
+            "roofline_fraction": roof_s / step_s,
+            "distinct_experts_per_layer": statistics.mean(sum(r) / len(r) for r in routing),
+        }
+        line = (
+            f"\nbatch {batch}: llama4 {row['ours_tokens_per_s']:.1f} tokens/s ({step_s * 1e3:.1f} ms/step); "
+            f"reads {ours_bytes / 1e6:.0f} MB/step ({row['distinct_experts_per_layer']:.1f} experts/layer) "
+            f"-> roofline {roof_s * 1e3:.1f} ms/step = {row['roofline_fraction'] * 100:.0f}% of roofline"
+        )
+        print(line)
+        if hf is not None:
+            with torch.inference_mode():
+                hf_s, hf_tokens = time_hf(hf, prompts, n, args.repeats)
+            row["hf_tokens_per_s"] = batch * steps / hf_s
+            row["speedup_vs_hf"] = hf_s / ours_s
+            row["hf_roofline_fraction"] = dense_bytes / (bw * 1e9) / (hf_s / steps)
+            same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+            row["same_tokens_as_hf"] = f"{same}/{batch}"
+            print(
+                f"  transformers {row['hf_tokens_per_s']:.1f} tokens/s ({hf_s / steps * 1e3:.1f} ms/step, "
+                f"reads {dense_bytes / 1e6:.0f} MB/step: {row['hf_roofline_fraction'] * 100:.0f}% of its roofline); "
+                f"llama4 / transformers = {row['speedup_vs_hf']:.2f}x; same greedy tokens: {same}/{batch}"
+            )
+        results["batches"][batch] = row
+    b = results["batches"]
+    if 1 in b and 8 in b:
+        scale = b[8]["ours_tokens_per_s"] / b[1]["ours_tokens_per_s"]
+        results["batch8_over_batch1"] = scale
+        print(f"\nbatch 8 / batch 1 tokens/s: llama4 {scale:.2f}x", end="")
+        if "hf_tokens_per_s" in b[1]:
+            print(f", transformers {b[8]['hf_tokens_per_s'] / b[1]['hf_tokens_per_s']:.2f}x", end="")
+        print()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
