@@ -287,3 +287,12 @@ def test_image_features_reach_the_prefill():
         engine = Engine(model, slots=2, max_len=32, prefill_chunk=piece)
         got = engine.prefill([1, 0], [prompt, [9, 9]], [feats, None])[0]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_blocked_output_head_matches_the_model():
+    model = make_model(tiny(vocab_size=1500))
+    engine = Engine(model, slots=1, max_len=8)
+    h = torch.randn(3, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        torch.testing.assert_close(engine._logits(h), model.output(h))
+        torch.testing.assert_close(engine._logits(h[:1]), model.output(h[:1]))
