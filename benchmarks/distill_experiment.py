@@ -20,6 +20,7 @@ of 16 x 128 tokens = 614k tokens each; validation loss on Persuasion, nats/token
     fixed   w=0.5, T=2          4.656      dynamic w_max=1, T=2    4.896
     fixed   w=0.5, T=1          4.091      dynamic w_max=0.5, T=1  4.162
     dynamic w_max=1, T=1        4.047      (mean soft weight at the end: 0.59)
+    fixed   w=0.6, T=1          4.035      (the control for that mean weight)
 
 Steps already done (tokenizer, teacher, a student run) are reused from --out.
 """
