@@ -71,9 +71,9 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: 
     stats["requests"] += 1
 
 
-async def run_level(
-    base: str, headers: dict, model: str, clients: int, duration: float, max_tokens: int
-) -> dict:
+async def run_level(base: str, headers: dict, clients: int, duration: float, settings: dict) -> dict:
+    """`clients` workers sending requests back to back for `duration` seconds; `settings`:
+    the sampling fields of each request (model, max_tokens, temperature, ignore_eos)."""
     stats = {"tokens": 0, "requests": 0, "errors": 0, "ttft": [], "itl": []}
     url = base + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
@@ -84,10 +84,8 @@ async def run_level(
             i = k
             while time.perf_counter() < deadline:
                 body = {
-                    "model": model,
+                    **settings,
                     "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                    "max_tokens": max_tokens,
-                    "temperature": 0.8,
                     "seed": i,
                     "stream": True,
                     "stream_options": {"include_usage": True},
@@ -109,6 +107,13 @@ def main() -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency level")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (as vLLM's serving benchmark)")
+    ap.add_argument(
+        "--stop-at-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="let replies end at the model's end-of-turn (default: every reply is --max-tokens long)",
+    )
     ap.add_argument("--preset", default="debug", help="preset of the random model")
     ap.add_argument("--server-args", default="", help="extra arguments for llama4 serve")
     args = ap.parse_args()
@@ -131,12 +136,20 @@ def main() -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         model_id = httpx.get(base + "/v1/models", headers=headers).json()["data"][0]["id"]
-        asyncio.run(run_level(base, headers, model_id, 1, min(3.0, args.duration), 8))  # warm-up
+        settings = {
+            "model": model_id,
+            "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
+            "ignore_eos": args.ignore_eos,
+        }
+        asyncio.run(
+            run_level(base, headers, 1, min(3.0, args.duration), {**settings, "max_tokens": 8})
+        )  # warm-up
         print(f"{'clients':>7} {'tok/s':>8} {'x1':>6} {'reqs':>5} {'ttft p50':>9} {'ttft p99':>9} "
               f"{'itl p50':>8} {'itl p99':>8} {'errors':>6}")  # fmt: skip
         base_rate = None
         for c in args.clients:
-            s = asyncio.run(run_level(base, headers, model_id, c, args.duration, args.max_tokens))
+            s = asyncio.run(run_level(base, headers, c, args.duration, settings))
             rate = s["tokens"] / s["wall"]
             base_rate = base_rate or rate
             print(

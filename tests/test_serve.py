@@ -155,6 +155,49 @@ def test_chat_stream_equals_non_stream(server, client, model_id):
     assert all(json.loads(e[6:])["object"] == "chat.completion.chunk" for e in events[:-1])
 
 
+def test_stream_with_n_choices(client, model_id):
+    full = client.chat.completions.create(
+        model=model_id,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        temperature=0.9,
+        seed=3,
+        n=2,
+    )
+    stream = client.chat.completions.create(
+        model=model_id,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        temperature=0.9,
+        seed=3,
+        n=2,
+        stream=True,
+    )
+    texts, finishes = ["", ""], [None, None]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            finishes[c.index] = c.finish_reason or finishes[c.index]
+    assert texts == [c.message.content for c in full.choices]
+    assert finishes == [c.finish_reason for c in full.choices]
+
+
+def test_cli_errors_are_clear(tmp_path):
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "llama4.cli", "serve", "--port", "0"]
+    r = subprocess.run([*run, "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "llama4 serve:" in r.stderr and "nope" in r.stderr, r.stderr
+    from llama4.engine.assets import default_model_path
+
+    try:
+        default_model_path()
+    except FileNotFoundError:  # no bundled model installed: `llama4 serve` says so and how to fix it
+        r = subprocess.run(run, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "--model" in r.stderr, r.stderr
+
+
 def test_max_completion_tokens_and_length(client, model_id):
     r = client.chat.completions.create(
         model=model_id,

@@ -253,6 +253,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+
+        def deliver(pairs: list) -> None:
+            for sink, item in pairs:
+                sink(item)
+
+        def dispatch(pairs: list) -> None:  # scheduler thread -> event loop, once per forward
+            try:
+                loop.call_soon_threadsafe(deliver, pairs)
+            except RuntimeError:  # the loop is closed: the server is going down
+                pass
+
+        scheduler.dispatch = dispatch
         if not scheduler.alive:
             scheduler.start()
         yield
@@ -370,15 +383,8 @@ def create_app(
                 f"({scheduler.max_queue}); lower n or send fewer prompts",
                 param="n",
             )
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-
-        def sink(event: Event | BaseException) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the loop is closed: the server is going down
-                pass
-
+        sink = queue.put_nowait  # called on the event loop (see dispatch in lifespan)
         n = len(prepared.params) // len(prepared.prompts)
         jobs = []
         for index, params in enumerate(prepared.params):

@@ -246,7 +246,8 @@ def prepare_chat(req: ChatCompletionRequest, served: ServedModel) -> Prepared:
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _max_tokens(len(prompt), served, explicit, param, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = [_params(req, max_tokens, tok.stop_ids, logprobs, i) for i in range(req.n)]
+    stop_ids = () if req.ignore_eos else tok.stop_ids
+    params = [_params(req, max_tokens, stop_ids, logprobs, i) for i in range(req.n)]
     tool_names = [t.function.name for t in req.tools] if req.tools and req.tool_choice != "none" else None
     return Prepared([prompt], params, pixel_tiles, keys, tool_names)
 
@@ -289,5 +290,6 @@ def prepare_completion(req: CompletionRequest, served: ServedModel) -> Prepared:
         prompts.append(ids)
     longest = max(prompts, key=len)
     max_tokens = _max_tokens(len(longest), served, req.max_tokens, "max_tokens", "prompt")
-    params = [_params(req, max_tokens, tok.stop_ids, req.logprobs, i) for _ in prompts for i in range(req.n)]
+    stop_ids = () if req.ignore_eos else tok.stop_ids
+    params = [_params(req, max_tokens, stop_ids, req.logprobs, i) for _ in prompts for i in range(req.n)]
     return Prepared(prompts, params, prompt_texts=texts)

@@ -140,6 +140,9 @@ class Sampling(Request):
     stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, description=f"up to {MAX_STOP} stop strings"
     )
+    ignore_eos: bool = Field(
+        False, description="extension (as vLLM's): do not stop at end-of-turn tokens; for benchmarks"
+    )
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
