@@ -583,6 +583,17 @@ def test_cancelled_stream_frees_its_slot(server, model_id):
     generated = m["llama4_generation_tokens_total"] - before["llama4_generation_tokens_total"]
     assert generated < 400  # it did not run to the end
 
+    # A non-streaming request whose client gives up is cancelled too (the server polls for it).
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m = metrics(server)
+        if m.get(cancelled, 0) == before.get(cancelled, 0) + 2 and m["llama4_running_requests"] == 0:
+            break
+        time.sleep(0.05)
+    assert m.get(cancelled, 0) == before.get(cancelled, 0) + 2 and m["llama4_kv_cache_used_tokens"] == 0
+
 
 # ----- API key, body limit, queue limit ------------------------------------------------------------
 

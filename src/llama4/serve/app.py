@@ -178,6 +178,9 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     return error_response(400, message, param=param, code="invalid_value")
 
 
+_ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+
+
 class BodyLimitAndMetrics:
     """ASGI middleware: refuse bodies over `max_bytes` (413) and count responses by status."""
 
@@ -194,7 +197,8 @@ class BodyLimitAndMetrics:
                 status["code"] = message["status"]
             await send(message)
 
-        route = scope["path"] if scope["path"].startswith(("/v1/", "/health", "/metrics")) else "other"
+        path = scope["path"]
+        route = path if path in _ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
         try:
             length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_bytes:
@@ -396,15 +400,20 @@ def create_app(
         return jobs, queue
 
     async def collect(request: Request, jobs: list[Job], queue: asyncio.Queue) -> list[list[Event]] | None:
-        """All events per job, or None if the client went away first."""
+        """All events per job, or None if the client went away first (checked twice a second)."""
         events: list[list[Event]] = [[] for _ in jobs]
         live = len(jobs)
+        next_check = time.monotonic() + 0.5
         while live:
             try:
-                ev = await asyncio.wait_for(queue.get(), timeout=1.0)
-            except TimeoutError:
+                ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:  # noqa: UP041 - not the builtin TimeoutError before 3.11
+                ev = None
+            if time.monotonic() >= next_check:
                 if await request.is_disconnected():
                     return None
+                next_check = time.monotonic() + 0.5
+            if ev is None:
                 continue
             if isinstance(ev, BaseException):
                 raise ev
