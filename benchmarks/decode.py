@@ -258,11 +258,17 @@ def main() -> None:
     b = results["batches"]
     if 1 in b and 8 in b:
         scale = b[8]["ours_tokens_per_s"] / b[1]["ours_tokens_per_s"]
+        # Even at full bandwidth a step of 8 reads more than a step of 1 (the tokens choose
+        # different experts): tokens/s can grow at most 8 x bytes(1) / bytes(8).
+        ceiling = 8 * b[1]["bytes_per_step_ours_mb"] / b[8]["bytes_per_step_ours_mb"]
         results["batch8_over_batch1"] = scale
+        results["batch8_over_batch1_bandwidth_ceiling"] = ceiling
         print(f"\nbatch 8 / batch 1 tokens/s: llama4 {scale:.2f}x", end="")
         if "hf_tokens_per_s" in b[1]:
             print(f", transformers {b[8]['hf_tokens_per_s'] / b[1]['hf_tokens_per_s']:.2f}x", end="")
-        print()
+        print(
+            f"; bandwidth ceiling for llama4 {ceiling:.2f}x (8 x bytes per batch-1 step / bytes per batch-8 step)"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
