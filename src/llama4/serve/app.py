@@ -44,7 +44,7 @@ from llama4.serve import protocol as P
 from llama4.serve.inputs import Prepared, RequestError, ServedModel, prepare_chat, prepare_completion
 from llama4.serve.metrics import Registry
 from llama4.serve.outputs import ChatChoiceStream, CompletionLogprobs, build_chat_message, chat_logprob
-from llama4.serve.scheduler import Job, QueueFull, Scheduler
+from llama4.serve.scheduler import Job, QueueFull, Scheduler, SchedulerStopped
 
 log = logging.getLogger("llama4.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -330,6 +330,12 @@ def create_app(
             type="rate_limit_error",
             code="queue_full",
             headers={"Retry-After": str(exc.retry_after)},
+        )
+
+    @app.exception_handler(SchedulerStopped)
+    async def _on_stopped(request: Request, exc: SchedulerStopped) -> JSONResponse:
+        return error_response(
+            503, str(exc), type="server_error", code="unavailable", headers={"Retry-After": "5"}
         )
 
     @app.exception_handler(StarletteHTTPException)

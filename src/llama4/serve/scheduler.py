@@ -62,6 +62,10 @@ log = logging.getLogger("llama4.serve")
 Sink = Callable[[Event | BaseException], None]
 
 
+class SchedulerStopped(Exception):
+    """The scheduler thread is not running (not started, stopped, or died)."""
+
+
 class QueueFull(Exception):
     """The waiting queue is at its limit; try again after ``retry_after`` seconds."""
 
@@ -224,6 +228,8 @@ class Scheduler:
         for job in jobs:
             job.keys = self._keys(job)
         with self._cond:
+            if self._stop or not self.alive:
+                raise SchedulerStopped("the generation scheduler is not running")
             if len(self._waiting) + len(jobs) > self.max_queue:
                 raise QueueFull(len(self._waiting), self.max_queue)
             self._waiting.extend(jobs)
@@ -273,8 +279,12 @@ class Scheduler:
                 for job in list(self._running.values()):
                     self._release(job, keep=False)
                     self._emit(job, e)
-            self._flush()
-            self._publish()
+            try:
+                self._flush()
+                self._publish()
+            except Exception:  # never let the thread die: requests would wait forever
+                log.exception("scheduler bookkeeping failed")
+                self._outbox = []
         for job in list(self._running.values()) + list(self._waiting):
             self._emit(job, RuntimeError("the server is shutting down"))
         self._flush()
