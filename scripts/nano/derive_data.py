@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument("--chat-examples", type=int, default=20000)
     ap.add_argument("--fashion-train", type=int, default=12000)
     ap.add_argument("--fashion-test", type=int, default=1000)
-    ap.add_argument("--emoji-augmentations", type=int, default=3)
+    ap.add_argument("--emoji-augmentations", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,8 @@ Run it (the vision stage of the bundled model, see recipes/nano_vision.toml)::
 
 The TOML is a run config (`llama4.train.config`) plus ``model`` (the text checkpoint to start
 from), ``images`` (JSONL files of image dialogs), ``text_every`` (every n-th batch is text from
-``data``) and a ``[vision]`` table of `VisionConfig` fields for the fresh vision tower.
+``data``), ``decoder_lr_scale`` (the decoder's learning rate as a fraction of ``lr``, which the
+fresh vision tower gets; 0 freezes the decoder) and a ``[vision]`` table of `VisionConfig` fields for the fresh vision tower.
 
 Shapes: B rows, L seq_len, N tiles, S tile side.
 """
@@ -294,7 +295,7 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     with open(path, "rb") as f:
         raw = tomllib.load(f)
-    own = {k: raw.pop(k) for k in ("images", "text_every", "vision") if k in raw}
+    own = {k: raw.pop(k) for k in ("images", "text_every", "decoder_lr_scale", "vision") if k in raw}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -302,6 +303,34 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
             raise ValueError(f"{path}: unknown key {key!r}")
         values[name] = [value] if name in ("data", "val_data") and isinstance(value, str) else value
     return values, own
+
+
+def scale_decoder_lr(trainer, scale: float) -> None:
+    """Give the decoder `scale` x the learning rate of the fresh vision tower (0: freeze it).
+
+    A fresh tower needs a high rate; the trained decoder forgets its text at that rate. Rebuilds
+    the Trainer's optimizer and schedule with the same settings and two rates.
+    """
+    from llama4.train.trainer import param_groups, warmup_cosine
+
+    if scale == 1.0:
+        return
+    cfg, model = trainer.cfg, trainer.model
+    if scale == 0.0:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("vision."))
+    groups = []
+    for g in param_groups(model, cfg.weight_decay):
+        vision = [p for p in g["params"] if any(p is q for q in model.vision.parameters())]
+        decoder = [p for p in g["params"] if not any(p is q for q in vision)]
+        groups.append({**g, "params": vision, "lr": cfg.lr})
+        if scale > 0 and decoder:
+            groups.append({**g, "params": decoder, "lr": cfg.lr * scale})
+    trainer.trainable = [p for p in model.parameters() if p.requires_grad]
+    trainer.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        trainer.optimizer, warmup_cosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+    )
 
 
 def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
@@ -324,6 +353,7 @@ def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
     images = ImageTextStream(dialogs, cfg.batch_size, cfg.seq_len, trainer.tokenizer.eos_id, cfg.seed)
     trainer.data.train = MixedStream(images, trainer.data.train, int(own.get("text_every", 0)))
     trainer.objective = ImageTextObjective(images.pixels)
+    scale_decoder_lr(trainer, float(own.get("decoder_lr_scale", 1.0)))
     trainer.log(
         f"vision stage: {len(dialogs)} image dialogs, tiles {vision_cfg.image_size}px, "
         f"{vision_cfg.tokens_per_tile} tokens per tile, every {own.get('text_every', 0)}th batch text"
