@@ -2,7 +2,8 @@
 
 One random MoE checkpoint (written by ``llama4.save``, read by both), float32, greedy, batch 1
 and batch 8 (equal-length prompts, so transformers needs no padding). Decode tokens/s =
-new tokens after the first / time after the first token (prefill excluded for both).
+batch / the median time of one decode step (each new token after the first; prefill excluded),
+steps timed from llama4's event stream and from a hook on transformers' output head.
 
 Roofline: at small batch, decoding streams the weights from memory once per step. The bytes a
 step must read (attention, router, shared expert, the experts the step's tokens chose, the
@@ -14,8 +15,8 @@ every token (its Llama4TextExperts is a dense bmm), so it reads all E experts pe
     python benchmarks/decode.py [--dim 1024 --layers 8 --experts 16 --expert-dim 2048 --vocab 32000
                                  --threads 2 --new-tokens 32 --prompt 32 --batches 1,8 --repeats 3]
 
-The machine may be shared: each figure is the best of --repeats runs, and the load average is
-printed. OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set): with the default
+The machine may be shared: step times are medians over --repeats runs, the bandwidth is the
+best of several measurements, and the load average is printed. OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set): with the default
 active spinning, a second busy process on a 2-core machine makes every parallel op wait for a
 descheduled thread, and decoding gets up to 10x slower.
 """
@@ -137,39 +138,61 @@ def count_routing(model, engine, prompts, n_new) -> list[list[int]]:
     return steps
 
 
-def time_ours(engine, prompts, n_new, repeats) -> tuple[float, list[list[int]]]:
-    """Best decode seconds for n_new - 1 steps (after the first token), and the tokens."""
+def time_ours(engine, prompts, n_new, repeats) -> tuple[list[float], list[list[int]]]:
+    """Seconds of each decode step (every new token after the first) over all repeats, and
+    the tokens. A step ends when the events of all its rows have been yielded."""
     from llama4.engine import SamplingParams
 
-    best, tokens = float("inf"), None
+    steps, tokens = [], None
     params = SamplingParams(max_tokens=n_new)
     for _ in range(repeats):
-        first = None
         out = [[] for _ in prompts]
+        marks = []
         for ev in engine.stream(prompts, params):
-            if first is None:
-                first = time.perf_counter()
             out[ev.index].append(ev.token)
-        best = min(best, time.perf_counter() - first)
+            if ev.index == len(prompts) - 1:
+                marks.append(time.perf_counter())
+        steps += [b - a for a, b in zip(marks, marks[1:])]
         tokens = out
-    return best, tokens
+    return steps, tokens
 
 
-def time_hf(hf, prompts, n_new, repeats) -> tuple[float, list[list[int]]]:
+def time_hf(hf, prompts, n_new, repeats) -> tuple[list[float], list[list[int]]]:
+    """Same for transformers' generate, timed through its streamer callback."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def put(self, value) -> None:  # the prompt first, then each step's new tokens
+            self.marks.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
     ids = torch.tensor(prompts)
-    mask = torch.ones_like(ids)
-    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None)
-    best, tokens = float("inf"), None
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+    steps, tokens = [], None
     for _ in range(repeats):
-        t = time.perf_counter()
-        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-        t1 = time.perf_counter() - t
-        t = time.perf_counter()
-        out = hf.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **kw)
-        tn = time.perf_counter() - t
-        best = min(best, tn - t1)
+        clock = Clock()
+        out = _hf_generate(hf, ids, n_new, clock, kw)
+        marks = clock.marks[1:]  # drop the prompt
+        steps += [b - a for a, b in zip(marks, marks[1:])]
         tokens = out[:, ids.shape[1] :].tolist()
-    return best, tokens
+    return steps, tokens
+
+
+def _hf_generate(hf, ids, n_new, clock, kw):
+    if ids.shape[0] == 1:
+        return hf.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, streamer=clock, **kw)
+    # generate() refuses a streamer for batches > 1: time each step with a forward hook on
+    # the output head instead (called once per step, prefill included).
+    handle = hf.lm_head.register_forward_hook(lambda *_: clock.put(None))
+    try:
+        return hf.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **kw)
+    finally:
+        handle.remove()
 
 
 def main() -> None:
@@ -219,16 +242,16 @@ def main() -> None:
         engine = Engine(model, slots=batch, max_len=args.prompt + n + 1)
         routing = count_routing(model, engine, prompts, n)
         with torch.inference_mode():
-            ours_s, ours_tokens = time_ours(engine, prompts, n, args.repeats)
-        steps = n - 1
-        step_s = ours_s / steps
+            ours_steps, ours_tokens = time_ours(engine, prompts, n, args.repeats)
+        bw = max(bw, matvec_bandwidth(torch.float32)[0])  # the machine may be busier or quieter now
+        step_s = statistics.median(ours_steps)
         kv_tokens = args.prompt + n // 2
         per_step = [step_bytes(model, r, batch, kv_tokens) for r in routing]
         ours_bytes = statistics.mean(b["ours"] for b in per_step)
         dense_bytes = per_step[0]["dense_experts"]
         roof_s = ours_bytes / (bw * 1e9)
         row = {
-            "ours_tokens_per_s": batch * steps / ours_s,
+            "ours_tokens_per_s": batch / step_s,
             "ours_step_ms": step_s * 1e3,
             "bytes_per_step_ours_mb": ours_bytes / 1e6,
             "roofline_step_ms": roof_s * 1e3,
@@ -243,14 +266,15 @@ def main() -> None:
         print(line)
         if hf is not None:
             with torch.inference_mode():
-                hf_s, hf_tokens = time_hf(hf, prompts, n, args.repeats)
-            row["hf_tokens_per_s"] = batch * steps / hf_s
-            row["speedup_vs_hf"] = hf_s / ours_s
-            row["hf_roofline_fraction"] = dense_bytes / (bw * 1e9) / (hf_s / steps)
+                hf_steps, hf_tokens = time_hf(hf, prompts, n, args.repeats)
+            hf_step_s = statistics.median(hf_steps)
+            row["hf_tokens_per_s"] = batch / hf_step_s
+            row["speedup_vs_hf"] = hf_step_s / step_s
+            row["hf_roofline_fraction"] = dense_bytes / (bw * 1e9) / hf_step_s
             same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
             row["same_tokens_as_hf"] = f"{same}/{batch}"
             print(
-                f"  transformers {row['hf_tokens_per_s']:.1f} tokens/s ({hf_s / steps * 1e3:.1f} ms/step, "
+                f"  transformers {row['hf_tokens_per_s']:.1f} tokens/s ({hf_step_s * 1e3:.1f} ms/step, "
                 f"reads {dense_bytes / 1e6:.0f} MB/step: {row['hf_roofline_fraction'] * 100:.0f}% of its roofline); "
                 f"llama4 / transformers = {row['speedup_vs_hf']:.2f}x; same greedy tokens: {same}/{batch}"
             )
@@ -269,6 +293,7 @@ def main() -> None:
         print(
             f"; bandwidth ceiling for llama4 {ceiling:.2f}x (8 x bytes per batch-1 step / bytes per batch-8 step)"
         )
+    results["bandwidth_gbps"] = bw
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
