@@ -413,7 +413,7 @@ def create_app(
         while live:
             try:
                 ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:  # noqa: UP041 - not the builtin TimeoutError before 3.11
+            except TimeoutError:
                 ev = None
             if time.monotonic() >= next_check:
                 if await request.is_disconnected():
