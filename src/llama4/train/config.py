@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from llama4.config import PRESETS, ModelConfig, get_preset
 
