@@ -16,7 +16,7 @@ from torch import nn
 from llama4.config import ModelConfig, TextConfig
 from llama4.model.attention import Attention, AttentionCache, attention_masks
 from llama4.model.layers import FeedForward, RMSNorm, rope_cos_sin, rope_frequencies
-from llama4.model.moe import MoE
+from llama4.model.moe import MoE, Router
 
 
 class Block(nn.Module):
@@ -149,7 +149,7 @@ class Transformer(nn.Module):
             s = out_std if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")) else std
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(s).to(p.dtype))
         for m in self.modules():
-            if hasattr(m, "bias") and isinstance(m.bias, torch.Tensor) and not isinstance(m, nn.Linear):
-                m.bias.zero_()  # router balancing bias
+            if isinstance(m, Router):
+                m.bias.zero_()  # the balancing bias starts neutral
         if self.vision is not None and hasattr(self.vision, "init_weights"):
             self.vision.init_weights(gen)
