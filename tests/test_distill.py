@@ -22,12 +22,7 @@ from llama4.train.trainer import build_model
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_loss_parts():

@@ -19,14 +19,7 @@ from llama4.engine import Engine, SamplingParams
 from llama4.engine.cache import KVCache, kv_cache_bytes, memory_report, naive_kv_cache_bytes
 from llama4.model.transformer import Transformer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and immune to a busy machine (OpenMP barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CHUNK = 8

@@ -23,14 +23,7 @@ from llama4.checkpoint.io import build
 from llama4.config import get_preset
 from llama4.tokenizer import Tokenizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and immune to a busy machine (OpenMP barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ from llama4.engine.sampling import SamplerState, apply_penalties, filter_logits,
 from llama4.engine.text import TextStream
 from llama4.model.transformer import Transformer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and immune to a busy machine (OpenMP barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VOCAB = 64

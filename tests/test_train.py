@@ -40,12 +40,7 @@ TOKENIZER = DATA / "tokenizer_512.model"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(tmp_path: Path, **kw) -> TrainConfig:

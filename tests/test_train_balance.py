@@ -15,12 +15,7 @@ from llama4.train.trainer import Trainer
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def skewed_run(tmp_path: Path, gamma: float) -> list[dict]:

@@ -50,6 +50,13 @@ log = logging.getLogger("llama4.serve")
 STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_BODY_BYTES = 32 << 20
 BEARER = HTTPBearer(auto_error=False, description="required when the server has an API key")
+# OpenAPI responses of the two generation routes: JSON, or server-sent events with stream=true
+SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/event-stream": {}},
+        "description": "JSON, or SSE chunks when stream is true",
+    }
+}
 
 
 # ----- metrics -------------------------------------------------------------------------------------
@@ -406,27 +413,32 @@ def create_app(
         return jobs, queue
 
     async def collect(request: Request, jobs: list[Job], queue: asyncio.Queue) -> list[list[Event]] | None:
-        """All events per job, or None if the client went away first (checked twice a second)."""
-        events: list[list[Event]] = [[] for _ in jobs]
-        live = len(jobs)
-        next_check = time.monotonic() + 0.5
-        while live:
-            try:
-                ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except TimeoutError:
-                ev = None
-            if time.monotonic() >= next_check:
-                if await request.is_disconnected():
-                    return None
-                next_check = time.monotonic() + 0.5
-            if ev is None:
-                continue
-            if isinstance(ev, BaseException):
-                raise ev
-            events[ev.index].append(ev)
-            if ev.finish_reason is not None:
-                live -= 1
-        return events
+        """All events per job, or None if the client went away first (checked twice a second).
+
+        Whatever way it ends, the jobs are cancelled (a no-op for finished jobs)."""
+        try:
+            events: list[list[Event]] = [[] for _ in jobs]
+            live = len(jobs)
+            next_check = time.monotonic() + 0.5
+            while live:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except TimeoutError:
+                    ev = None
+                if time.monotonic() >= next_check:
+                    if await request.is_disconnected():
+                        return None
+                    next_check = time.monotonic() + 0.5
+                if ev is None:
+                    continue
+                if isinstance(ev, BaseException):
+                    raise ev
+                events[ev.index].append(ev)
+                if ev.finish_reason is not None:
+                    live -= 1
+            return events
+        finally:
+            scheduler.cancel(jobs)
 
     def usage(prepared: Prepared, n_out: int) -> dict[str, int]:
         n_prompt = sum(len(p) for p in prepared.prompts)
@@ -434,6 +446,11 @@ def create_app(
 
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    def sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(
+            chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     def sse_error(exc: BaseException) -> str:
         return sse({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
@@ -443,12 +460,7 @@ def create_app(
         "/v1/chat/completions",
         response_model=P.ChatCompletion,
         dependencies=[Depends(check_key)],
-        responses={
-            200: {
-                "content": {"text/event-stream": {}},
-                "description": "JSON, or SSE chunks when stream is true",
-            }
-        },
+        responses=SSE_RESPONSES,
         summary="Chat completion (OpenAI compatible)",
     )
     async def chat_completions(req: P.ChatCompletionRequest, request: Request) -> Any:
@@ -457,14 +469,8 @@ def create_app(
         jobs, queue = submit(prepared)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            gen = _stream_chat(req, prepared, jobs, queue, rid, created)
-            return StreamingResponse(
-                gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        try:
-            events = await collect(request, jobs, queue)
-        finally:
-            scheduler.cancel(jobs)  # no-op for finished jobs
+            return sse_response(_stream_chat(req, prepared, jobs, queue, rid, created))
+        events = await collect(request, jobs, queue)
         if events is None:
             return Response(status_code=499)
         choices, n_out = [], 0
@@ -546,12 +552,7 @@ def create_app(
         "/v1/completions",
         response_model=P.Completion,
         dependencies=[Depends(check_key)],
-        responses={
-            200: {
-                "content": {"text/event-stream": {}},
-                "description": "JSON, or SSE chunks when stream is true",
-            }
-        },
+        responses=SSE_RESPONSES,
         summary="Text completion (OpenAI compatible, legacy)",
     )
     async def completions(req: P.CompletionRequest, request: Request) -> Any:
@@ -561,14 +562,8 @@ def create_app(
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         n = req.n
         if req.stream:
-            gen = _stream_completion(req, prepared, jobs, queue, rid, created)
-            return StreamingResponse(
-                gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        try:
-            events = await collect(request, jobs, queue)
-        finally:
-            scheduler.cancel(jobs)
+            return sse_response(_stream_completion(req, prepared, jobs, queue, rid, created))
+        events = await collect(request, jobs, queue)
         if events is None:
             return Response(status_code=499)
         choices, n_out = [], 0
