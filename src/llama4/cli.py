@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Collection
 
 # On a machine shared with other busy processes, OpenMP threads that spin while waiting make
 # 2-thread CPU decoding up to 10x slower; passive waiting costs little when the machine is idle.
@@ -35,14 +36,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only `verb`'s module is imported to declare its flags."""
+def build_parser(verbs: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the flags of `verbs` (default: all); only their modules are imported."""
     parser = argparse.ArgumentParser(prog="llama4", description="Llama 4: run, serve and train.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
-        if name == verb:
+        if verbs is None or name in verbs:
             importlib.import_module(module_name).add_arguments(p)
     return parser
 
@@ -50,7 +51,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(verb).parse_args(argv)
+    args = build_parser([verb] if verb else []).parse_args(argv)
     module = importlib.import_module(args._module)
     try:
         code = module.run(args)
