@@ -25,10 +25,6 @@ def _engine(model: Transformer | Engine, prompts: Sequence[Sequence[int]], max_n
     return Engine(model, slots=max(1, len(prompts)), max_len=longest + max(1, max_new_tokens))
 
 
-def _params(max_new_tokens: int, kwargs: dict[str, Any]) -> SamplingParams:
-    return SamplingParams(max_tokens=max_new_tokens, **kwargs)
-
-
 def generate(
     model: Transformer | Engine,
     prompts: Sequence[Sequence[int]],
