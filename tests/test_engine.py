@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import llama4
-from llama4.config import ModelConfig, MoEConfig, RopeScaling, TextConfig
+from llama4.config import ModelConfig, MoEConfig, RopeScaling, TextConfig, get_preset
 from llama4.engine import Engine, SamplingParams
 from llama4.engine.cache import KVCache, kv_cache_bytes, memory_report, naive_kv_cache_bytes
 from llama4.model.transformer import Transformer
@@ -289,3 +289,9 @@ def test_blocked_output_head_matches_the_model():
     with torch.inference_mode():
         torch.testing.assert_close(engine._logits(h), model.output(h))
         torch.testing.assert_close(engine._logits(h[:1]), model.output(h[:1]))
+
+
+def test_cache_dtype_must_match_the_weights():
+    model = Transformer(get_preset("debug"))
+    with pytest.raises(ValueError, match="cache_dtype"):
+        Engine(model, cache_dtype=torch.bfloat16)

@@ -243,3 +243,9 @@ def test_per_request_params_in_one_batch(model):
         [PROMPTS[1]], SamplingParams(max_tokens=12, temperature=1.0, seed=5)
     )
     assert mixed[1].tokens == alone[0].tokens
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    # logits / 1e-40 overflows to inf; below 1e-5 the sampler takes the greedy limit.
+    assert SamplingParams(max_tokens=1, temperature=1e-40).greedy
+    assert not SamplingParams(max_tokens=1, temperature=1e-3).greedy

@@ -369,3 +369,12 @@ def test_not_a_call(text):
 def test_end_tokens_are_stripped_from_plain_text():
     assert parse_tool_calls("Hello there!<|eot|>") == ("Hello there!", [])
     assert parse_tool_calls("Bye<|eom|>\n") == ("Bye", [])
+
+
+def test_absurdly_nested_json_is_not_a_crash():
+    # json raises RecursionError (not JSONDecodeError) past ~1000 levels: bad input, not a 500.
+    deep = "[" * 5000 + "]" * 5000
+    with pytest.raises(ValueError, match="not valid JSON"):
+        tool_call_arguments({"function": {"name": "f", "arguments": deep}})
+    for text in ('{"name": "f", "arguments": ' + deep + "}", "<function=f>" + deep + "</function>"):
+        assert parse_tool_calls(text)[1] == []

@@ -212,8 +212,8 @@ def tool_call_arguments(call: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if isinstance(args, str):
         try:
             args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"tool call {name!r}: arguments are not valid JSON: {e}") from e
+        except (json.JSONDecodeError, RecursionError) as e:  # absurd nesting is bad input too
+            raise ValueError(f"tool call {name!r}: arguments are not valid JSON: {e!r}") from e
     if not isinstance(args, dict):
         raise ValueError(f"tool call {name!r}: arguments must be a JSON object, got {args!r}")
     return name, args
@@ -359,8 +359,8 @@ def _parse_json(text: str) -> list[tuple[str, dict[str, Any]]]:
             break
         try:
             obj, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise _NotACall(f"not JSON: {e}") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise _NotACall(f"not JSON: {e!r}") from None
         calls.extend(_json_call(o) for o in (obj if isinstance(obj, list) else [obj]))
     if not calls:
         raise _NotACall("no calls")
@@ -377,8 +377,8 @@ def _parse_function_tags(text: str) -> list[tuple[str, dict[str, Any]]]:
             raise _NotACall("text between function tags")
         try:
             args = json.loads(m.group(2)) if m.group(2).strip() else {}
-        except json.JSONDecodeError as e:
-            raise _NotACall(f"function tag arguments are not JSON: {e}") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise _NotACall(f"function tag arguments are not JSON: {e!r}") from None
         if not isinstance(args, dict):
             raise _NotACall("function tag arguments are not an object")
         calls.append((m.group(1), args))

@@ -15,6 +15,7 @@ import functools
 import json
 import re
 import string
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -304,9 +305,18 @@ def save_hf(
     path.mkdir(parents=True, exist_ok=True)
     multimodal = cfg.vision is not None
     out: dict[str, torch.Tensor] = {}
+    warned = False
     for key, tensor in state_dict.items():
-        if key.endswith("router.bias") and not tensor.any():
-            continue  # an unused balancing bias; transformers has no such tensor
+        if key.endswith("router.bias"):
+            if not tensor.any():
+                continue  # an unused balancing bias; transformers has no such tensor
+            if not warned:
+                warnings.warn(
+                    "saving a non-zero router balancing bias as `router.bias`: llama4.load uses it, "
+                    "but transformers ignores it and will route some tokens differently",
+                    stacklevel=2,
+                )
+                warned = True
         hf_key = ours_to_hf(key, multimodal)
         if hf_key is None:
             raise KeyError(f"no Hugging Face name for parameter {key!r}")

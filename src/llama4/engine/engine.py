@@ -98,6 +98,11 @@ class Engine:
         self.device = weight.device
         self.vocab_size = cfg.vocab_size
         self.max_len = max_len or cfg.max_seq_len
+        if cache_dtype is not None and cache_dtype != weight.dtype:
+            raise ValueError(
+                f"cache_dtype={cache_dtype} must match the model's weights ({weight.dtype}): "
+                "attention reads the cache in the dtype it computes in"
+            )
         self.cache = KVCache(
             cfg, slots=slots, max_len=self.max_len, dtype=cache_dtype or weight.dtype, device=self.device
         )

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -65,7 +67,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below 1e-5, logits / temperature overflows to inf/nan; the limit is greedy anyway.
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalised(self) -> bool:
