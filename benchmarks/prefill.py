@@ -10,21 +10,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import torch
-
-
-def bench_pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
-    """Best-of-N wall time of two functions, interleaved so that machine noise hits both."""
-    fn_a(), fn_b()  # warm-up
-    best = [float("inf"), float("inf")]
-    for _ in range(repeats):
-        for i, fn in enumerate((fn_a, fn_b)):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best[0], best[1]
+from common import best_times
 
 
 def main() -> None:
@@ -79,7 +67,8 @@ def main() -> None:
             "all logits": (lambda: ref(tokens, use_cache=False), lambda: ours(tokens)),
         }
         for name, (fn_ref, fn_ours) in cases.items():
-            t_ref, t_ours = bench_pair(fn_ref, fn_ours, args.repeats)
+            fn_ref(), fn_ours()  # warm-up
+            t_ref, t_ours = best_times(fn_ref, fn_ours, args.repeats)
             print(
                 f"  {name:18s} transformers {t_ref * 1e3:8.1f} ms ({args.tokens / t_ref:6.0f} tok/s)   "
                 f"llama4 {t_ours * 1e3:8.1f} ms ({args.tokens / t_ours:6.0f} tok/s)   "

@@ -14,21 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
+from common import best_times
+
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
-
-
-def best_times(fn_a, fn_b, repeats: int) -> tuple[float, float]:
-    """Best-of-N wall time of two functions, interleaved so that machine noise hits both."""
-    best = [float("inf"), float("inf")]
-    for _ in range(repeats):
-        for i, fn in enumerate((fn_a, fn_b)):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best[0], best[1]
 
 
 def text_files(paths: list[Path]) -> list[Path]:
