@@ -47,8 +47,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:  # x: (N, D)
         logits = F.linear(x.float(), self.weight.float())  # router in float32
-        choice = logits + self.bias if self.bias.any() else logits
-        experts = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+        # Adding the (usually zero) bias unconditionally: testing it first would cost a device
+        # sync per layer per step on GPU.
+        experts = (logits + self.bias).topk(self.top_k, dim=-1).indices  # (N, k)
         gates = torch.sigmoid(logits.gather(-1, experts))
         return Routing(logits, experts, gates)
 
