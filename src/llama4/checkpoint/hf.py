@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llama4.checkpoint.vision_keys import VISION_KEYS
 from llama4.config import ModelConfig, MoEConfig, RopeScaling, TextConfig, VisionConfig
 
 # (HF name, our name) for the text decoder. Placeholders: `{i}` a layer index, `{rest}` any
@@ -42,14 +43,6 @@ TEXT_KEYS: list[tuple[str, str]] = [
 ]
 
 MULTIMODAL_TEXT_PREFIX = "language_model."
-
-
-def _vision_keys() -> list[tuple[str, str]]:
-    try:
-        from llama4.checkpoint.vision_keys import VISION_KEYS
-    except ImportError:  # vision tower not built yet
-        return []
-    return VISION_KEYS
 
 
 _PLACEHOLDER_PATTERNS = {"i": r"\d+", "rest": r".+"}
@@ -74,15 +67,12 @@ def _translate(key: str, table: list[tuple[str, str]], reverse: bool) -> str | N
     return None
 
 
+@functools.cache
 def _tables(multimodal: bool) -> list[tuple[str, str]]:
     if not multimodal:
         return TEXT_KEYS
     text = [(MULTIMODAL_TEXT_PREFIX + hf, ours) for hf, ours in TEXT_KEYS]
-    vision = []
-    for hf, ours in _vision_keys():
-        # VISION_KEYS may be regexes with groups (\1) or templates; accept templates here.
-        vision.append((hf, "vision." + ours))
-    return text + vision
+    return text + [(hf, "vision." + ours) for hf, ours in VISION_KEYS]
 
 
 def hf_to_ours(key: str, multimodal: bool) -> str | None:
