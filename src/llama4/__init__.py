@@ -14,14 +14,16 @@ __version__ = "0.1.0"
 
 
 def load(path, *, dtype=None, device="cpu"):
-    """Load a Llama 4 checkpoint directory (Hugging Face format). See `llama4.checkpoint.io.load`."""
+    """Load a Llama 4 checkpoint directory (Hugging Face, or Meta's params.json +
+    consolidated.*.pth). See `llama4.checkpoint.io.load`."""
     from llama4.checkpoint.io import load as _load
 
     return _load(path, dtype=dtype, device=device)
 
 
 def save(model, path, **kwargs) -> None:
-    """Save a model as a Hugging Face checkpoint. See `llama4.checkpoint.io.save`."""
+    """Save a model as a Hugging Face checkpoint (or Meta's with ``format="meta"``).
+    See `llama4.checkpoint.io.save`."""
     from llama4.checkpoint.io import save as _save
 
     _save(model, path, **kwargs)

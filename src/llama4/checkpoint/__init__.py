@@ -1,1 +1,2 @@
-"""Checkpoint formats at the boundary: Hugging Face safetensors (and its key table)."""
+"""Checkpoint formats at the boundary: Hugging Face safetensors (`hf`, `vision_keys`) and Meta's
+params.json + consolidated.*.pth (`meta`); `io` holds `load` and `save`."""

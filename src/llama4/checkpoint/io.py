@@ -42,7 +42,8 @@ def load(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
 ) -> Transformer:
-    """Load a Hugging Face Llama 4 checkpoint directory (text-only or multimodal).
+    """Load a Llama 4 checkpoint directory (text-only or multimodal): Hugging Face
+    (config.json + safetensors) or Meta's original (params.json + consolidated.NN.pth).
 
     dtype: cast floating weights to this dtype (default: as stored).
     Raises CheckpointError naming missing, unexpected or mis-shaped tensors.
@@ -50,7 +51,13 @@ def load(
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
-        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        from llama4.checkpoint import meta  # here: meta imports this module
+
+        if meta.is_meta_checkpoint(path):
+            return meta.load_meta(path, dtype=_resolve_dtype(dtype), device=device)
+        raise FileNotFoundError(
+            f"{path} has neither config.json (Hugging Face) nor params.json + consolidated.*.pth (Meta)"
+        )
     hf_config = json.loads(config_file.read_text())
     cfg = hf.config_from_hf(hf_config)
     multimodal = hf.is_multimodal(hf_config)
@@ -92,6 +99,25 @@ def load(
     return model.eval()
 
 
-def save(model: Transformer, path: str | Path, *, max_shard_bytes: int = 4 << 30) -> None:
-    """Write `model` as a Hugging Face checkpoint that `transformers` and `llama4.load` read."""
-    hf.save_hf(model.state_dict(), model.config, path, max_shard_bytes=max_shard_bytes)
+def save(
+    model: Transformer,
+    path: str | Path,
+    *,
+    format: str = "hf",
+    max_shard_bytes: int = 4 << 30,
+    model_parallel: int = 1,
+) -> None:
+    """Write `model` as a checkpoint that `llama4.load` reads back.
+
+    format "hf": config.json + safetensors (files of at most max_shard_bytes), for `transformers`.
+    format "meta": params.json + consolidated.NN.pth, one file per model-parallel rank
+    (model_parallel of them), in the layout of Meta's releases, for Meta's reference code.
+    """
+    if format == "meta":
+        from llama4.checkpoint import meta
+
+        meta.save_meta(model, path, model_parallel=model_parallel)
+    elif format == "hf":
+        hf.save_hf(model.state_dict(), model.config, path, max_shard_bytes=max_shard_bytes)
+    else:
+        raise ValueError(f"unknown checkpoint format {format!r}; choose 'hf' or 'meta'")
