@@ -8,8 +8,9 @@ steps timed from llama4's event stream and from a hook on transformers' output h
 Roofline: at small batch, decoding streams the weights from memory once per step. The bytes a
 step must read (attention, router, shared expert, the experts the step's tokens chose, the
 output head, one embedding row per token, the KV cache) divided by this machine's bandwidth
-(measured here with a large fp32 matvec, the same kind of operation) is the fastest a step
-can be; "roofline" is that time / the measured step time. transformers runs every expert on
+(the best of a large fp32 matvec through MKL, the same through oneDNN, and a plain 1 GiB
+sum: the machine's bandwidth, not one kernel's) is the fastest a step can be; "roofline" is
+that time / the measured step time. transformers runs every expert on
 every token (its Llama4TextExperts is a dense bmm), so it reads all E experts per layer.
 
     python benchmarks/decode.py [--dim 1024 --layers 8 --experts 16 --expert-dim 2048 --vocab 32000
@@ -42,18 +43,39 @@ import torch.nn.functional as F  # noqa: E402
 def matvec_bandwidth(
     dtype: torch.dtype = torch.float32, n: int = 8192, reps: int = 15
 ) -> tuple[float, float]:
-    """(GB/s, ms) of y = W x for an n x n matrix (256 MiB in fp32: far beyond the caches)."""
+    """(GB/s, ms) of y = W x for an n x n matrix (256 MiB in fp32: far beyond the caches)
+    through torch's default kernel (MKL for fp32 on x86)."""
     W = torch.randn(n, n).to(dtype)
     x = torch.randn(1, n).to(dtype)
+    best = _best(lambda: F.linear(x, W), reps)
+    return W.numel() * W.element_size() / best / 1e9, best * 1e3
+
+
+def memory_bandwidth(reps: int = 10) -> dict[str, float]:
+    """GB/s of reading memory, three ways; the roofline uses the best (the machine's bandwidth,
+    not one kernel's): a 256 MiB fp32 matvec through MKL and through oneDNN, and a 1 GiB sum."""
+    W = torch.randn(8192, 8192)
+    x = torch.randn(1, 8192)
+    big = torch.randn(2**28)
+    out = {
+        "mkl_matvec": W.numel() * 4 / _best(lambda: F.linear(x, W), reps) / 1e9,
+        "sum_1gib": big.numel() * 4 / _best(lambda: big.sum(), reps) / 1e9,
+    }
+    if torch.backends.mkldnn.is_available():
+        onednn = lambda: torch.ops.mkldnn._linear_pointwise(x, W, None, "none", [], "")  # noqa: E731
+        out["onednn_matvec"] = W.numel() * 4 / _best(onednn, reps) / 1e9
+    return out
+
+
+def _best(fn, reps: int) -> float:
     for _ in range(3):
-        F.linear(x, W)
+        fn()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        F.linear(x, W)
+        fn()
         times.append(time.perf_counter() - t)
-    best = min(times)
-    return W.numel() * W.element_size() / best / 1e9, best * 1e3
+    return min(times)
 
 
 def config(args):
@@ -218,10 +240,14 @@ def main() -> None:
 
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; torch {torch.__version__}, "
           f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")  # fmt: skip
-    bw, bw_ms = matvec_bandwidth(torch.float32)
+    ways = memory_bandwidth()
+    bw = max(ways.values())
+    print("memory bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in ways.items())
+          + f" -> roofline uses {bw:.1f} GB/s")  # fmt: skip
+    _, bw_ms = matvec_bandwidth(torch.float32)
     bw16, bw16_ms = matvec_bandwidth(torch.bfloat16)
-    print(f"matvec 8192x8192: fp32 {bw_ms:.1f} ms = {bw:.1f} GB/s (the roofline's bandwidth); "
-          f"bf16 {bw16_ms:.1f} ms = {bw16:.1f} GB/s ({bw_ms / bw16_ms:.2f}x the fp32 speed)")  # fmt: skip
+    print(f"torch matvec 8192x8192: fp32 {bw_ms:.1f} ms, bf16 {bw16_ms:.1f} ms = {bw16:.1f} GB/s "
+          f"({bw_ms / bw16_ms:.2f}x the fp32 speed)")  # fmt: skip
 
     path = checkpoint(args)
     model = llama4.load(path, dtype="float32")
@@ -243,7 +269,7 @@ def main() -> None:
         routing = count_routing(model, engine, prompts, n)
         with torch.inference_mode():
             ours_steps, ours_tokens = time_ours(engine, prompts, n, args.repeats)
-        bw = max(bw, matvec_bandwidth(torch.float32)[0])  # the machine may be busier or quieter now
+        bw = max(bw, *memory_bandwidth(reps=5).values())  # the machine may be busier or quieter now
         step_s = statistics.median(ours_steps)
         kv_tokens = args.prompt + n // 2
         per_step = [step_bytes(model, r, batch, kv_tokens) for r in routing]

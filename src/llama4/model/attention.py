@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama4.config import TextConfig
-from llama4.model.layers import apply_rope, rms_norm
+from llama4.model.layers import Linear, apply_rope, linear, rms_norm
 
 
 class AttentionCache(Protocol):
@@ -67,6 +67,26 @@ def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)[:, :, :T]
 
 
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of ONE query per row over S keys: q (B, H, 1, Dh), k/v (B, K, S, Dh) -> (B, H, 1, Dh).
+
+    Same as SDPA (mask broadcastable to (B, H, 1, S), True = attend; None = attend to all S),
+    written as two small matrix products: on CPU, SDPA's kernel costs more in set-up than the
+    few thousand multiply-adds of a decode step. The query heads that share a key/value head are
+    stacked as rows, so GQA needs no copy of k and v.
+    """
+    B, H, _, Dh = q.shape
+    K, S = k.shape[1], k.shape[2]
+    qg = q.reshape(B, K, H // K, Dh)  # heads g*K..: head h uses kv head h // (H // K)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * Dh**-0.5  # (B, K, G, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.expand(B, H, 1, S).reshape(B, K, H // K, S), float("-inf"))
+    out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)  # (B, K, G, Dh)
+    return out.reshape(B, H, 1, Dh)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_id: int) -> None:
         super().__init__()
@@ -77,25 +97,27 @@ class Attention(nn.Module):
         self.use_qk_norm = cfg.qk_norm and not self.is_global
         self.temperature_tuning = cfg.attn_temperature_tuning and self.is_global
         self.norm_eps, self.floor_scale, self.attn_scale = cfg.norm_eps, cfg.floor_scale, cfg.attn_scale
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
+        self.fused_qkv = None  # set by llama4.model.inference.prepare_for_inference
 
     def forward(
         self,
         x: torch.Tensor,  # (B, T, D)
         positions: torch.Tensor,  # (B, T) absolute positions
-        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin (B, T, 1, Dh/2)
+        rope: torch.Tensor,  # rotations (B, T, 1, Dh/2) complex64, see layers.rope_rotation
         mask: torch.Tensor | None,  # without cache: None means positions are 0..T-1
         cache: AttentionCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self._project(x)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, H, Dh)
+        k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))
         if not self.is_global:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
             if self.use_qk_norm:  # after RoPE, as in the reference
                 q, k = rms_norm(q, self.norm_eps), rms_norm(k, self.norm_eps)
         elif self.temperature_tuning:
@@ -110,7 +132,17 @@ class Attention(nn.Module):
         elif mask is None and not self.is_global:
             out = chunked_causal_attention(q, k, v, self.chunk)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
-        )  # (B, H, T, Dh)
+        if T == 1 and q.device.type == "cpu":
+            out = decode_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
+            )  # (B, H, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, T, heads * Dh): one product with the fused weight when there is one."""
+        fused = self.fused_qkv.current() if self.fused_qkv is not None else None
+        if fused is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return linear(x, fused).split(self.fused_qkv.sizes, dim=-1)

@@ -1,0 +1,183 @@
+"""Each inference fast path against its slow, obvious twin.
+
+- `layers.linear` (oneDNN for few-row float32 products on CPU) == F.linear
+- `attention.decode_attention` (one query per row, two matmuls) == SDPA
+- `layers.apply_rope` (complex multiply) == the cos/sin formula written out
+- `layers.rms_norm` (torch's fused kernel for float32) == the formula
+- `MoE._forward_few` (loop over chosen experts) == grouped dispatch == dense
+- `prepare_for_inference` (fused q/k/v and gate/up, transposed experts): same logits, same
+  state_dict, and it steps aside for LoRA and for weights replaced after it ran.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama4.config import ModelConfig, MoEConfig, TextConfig
+from llama4.engine import Engine, SamplingParams
+from llama4.model import moe as moe_module
+from llama4.model.attention import decode_attention
+from llama4.model.inference import prepare_for_inference
+from llama4.model.layers import apply_rope, linear, rms_norm, rope_frequencies, rope_rotation
+from llama4.model.transformer import Transformer
+from llama4.train.lora import apply_lora
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("rows", [(1, 64), (8, 64), (2, 3, 64), (40, 64)])
+def test_linear_equals_f_linear(rows):
+    w = torch.randn(96, 64)
+    x = torch.randn(*rows)
+    with torch.inference_mode():
+        assert rel(linear(x, w), F.linear(x, w)) <= 1e-6
+        assert rel(linear(x, w.t().contiguous().t()), F.linear(x, w)) <= 1e-6  # non-contiguous weight
+    assert linear(x, w).requires_grad is False
+    wg = w.clone().requires_grad_()
+    linear(x, wg).sum().backward()  # with autograd on it is plain F.linear
+    assert torch.allclose(wg.grad, x.reshape(-1, 64).sum(0).expand(96, 64), atol=1e-4)
+
+
+@pytest.mark.parametrize("B,H,K,S", [(1, 8, 2, 40), (3, 4, 4, 17), (2, 6, 1, 5)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_equals_sdpa(B, H, K, S, masked):
+    torch.manual_seed(0)
+    q = torch.randn(B, H, 1, 16)
+    k, v = torch.randn(B, K, S, 16), torch.randn(B, K, S, 16)
+    mask = None
+    if masked:  # each row attends to its own prefix of the keys, as rows of different lengths do
+        lengths = torch.randint(1, S + 1, (B,))
+        mask = (torch.arange(S) < lengths[:, None])[:, None, None]  # (B, 1, 1, S)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert rel(decode_attention(q, k, v, mask), ref) <= 1e-6
+
+
+def test_rope_equals_the_formula():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3, 16)
+    positions = torch.randint(0, 5000, (2, 7))
+    inv_freq = rope_frequencies(16, 500000.0, None)
+    angles = positions[..., None].float() * inv_freq  # (B, T, Dh/2)
+    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    ref = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    rot = rope_rotation(positions, inv_freq)
+    assert rel(apply_rope(x, rot), ref) <= 1e-5
+    # A view that does not start at an even offset (k after an odd-sized q in a fused product).
+    wide = torch.randn(2, 7, 3 * 16 + 1)[..., 1:].unflatten(-1, (3, 16))
+    assert rel(apply_rope(wide, rot), apply_rope(wide.contiguous(), rot)) == 0
+    assert apply_rope(x.bfloat16(), rot).dtype == torch.bfloat16
+
+
+def test_rms_norm_equals_the_formula():
+    x, w = torch.randn(4, 5, 32), torch.randn(32)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    assert rel(rms_norm(x, 1e-5, w), ref) <= 1e-6
+    assert rel(rms_norm(x, 1e-5), ref / w) <= 1e-5
+    assert rel(rms_norm(x.bfloat16(), 1e-5, w.bfloat16()).float(), ref) <= 2e-2
+
+
+def make_moe(top_k: int) -> moe_module.MoE:
+    cfg = TextConfig(dim=32, n_layers=1, moe=MoEConfig(num_experts=6, top_k=top_k, hidden_dim=40))
+    torch.manual_seed(top_k)
+    m = moe_module.MoE(cfg)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return m
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("n", [1, 5, 30])
+def test_few_token_moe_equals_grouped_and_dense(top_k, n, monkeypatch):
+    m = make_moe(top_k)
+    x = torch.randn(n, 32)
+    with torch.inference_mode():
+        few = m(x)
+        assert n * top_k <= moe_module.FEW_TOKENS  # the loop path ran
+        dense = m.forward_dense(x)
+        monkeypatch.setattr(moe_module, "FEW_TOKENS", 0)
+        grouped = m(x)
+    assert rel(few, dense) <= 1e-6 and rel(grouped, dense) <= 1e-6
+    prepare_for_inference(m)  # experts stored transposed: same values, both paths
+    with torch.inference_mode():
+        assert rel(m(x), dense) <= 1e-6
+        monkeypatch.setattr(moe_module, "FEW_TOKENS", 64)
+        assert rel(m(x), dense) <= 1e-6
+
+
+def small_model(seed: int = 0) -> Transformer:
+    t = TextConfig(
+        vocab_size=300,
+        dim=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        dense_hidden_dim=96,
+        attention_chunk_size=8,
+        floor_scale=4,
+        max_seq_len=128,
+        moe=MoEConfig(num_experts=4, top_k=1, hidden_dim=48, interleave_step=2),
+    )
+    model = Transformer(ModelConfig(text=t))
+    model.init_weights(seed=seed)
+    return model.eval()
+
+
+def test_prepare_keeps_values_and_state_dict():
+    model = small_model()
+    tokens = torch.randint(0, 300, (2, 30))
+    before_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        before = model(tokens)
+    prepare_for_inference(model)
+    prepare_for_inference(model)  # idempotent
+    assert model.layers[0].attention.fused_qkv.current() is not None
+    sd = model.state_dict()
+    assert sd.keys() == before_sd.keys()
+    assert all(torch.equal(sd[k], before_sd[k]) for k in sd)
+    with torch.inference_mode():
+        assert rel(model(tokens), before) <= 1e-5  # prefill: grouped experts, fused products
+        # Cached decoding after prepare == recompute without cache.
+        engine = Engine(model, slots=1, max_len=64)
+        new = engine.generate([tokens[0, :11].tolist()], SamplingParams(max_tokens=12))[0].tokens
+        seq = tokens[0, :11].tolist()
+        for _ in range(12):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert new == seq[11:]
+    # In-place updates reach the fused weight (the projections are views of it).
+    with torch.no_grad():
+        model.layers[0].attention.k_proj.weight.mul_(2)
+    fused = model.layers[0].attention.fused_qkv
+    n_q = fused.sizes[0]
+    assert torch.equal(fused.weight[n_q : n_q + fused.sizes[1]], model.layers[0].attention.k_proj.weight)
+
+
+def test_prepare_steps_aside_for_lora_and_replaced_weights():
+    model = small_model(seed=1)
+    tokens = torch.randint(0, 300, (1, 20))
+    prepare_for_inference(model)
+    apply_lora(model, rank=2, alpha=4.0, targets=["q_proj", "gate_proj"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # LoRA B starts at zero: make the adapters matter
+                p.normal_(std=0.5)
+    ref = small_model(seed=1)
+    apply_lora(ref, rank=2, alpha=4.0, targets=["q_proj", "gate_proj"])
+    ref.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        assert model.layers[0].attention.fused_qkv.current() is None
+        assert rel(model(tokens), ref(tokens)) <= 1e-5
+        assert rel(model(tokens), small_model(seed=1)(tokens)) > 1e-3  # the adapters did change it
+    m2 = small_model(seed=2)
+    prepare_for_inference(m2)
+    m2 = m2.double()  # replaces every parameter: the fused copies are stale and must not be used
+    assert m2.layers[0].attention.fused_qkv.current() is None
+    with torch.inference_mode():
+        assert m2(tokens).dtype == torch.float64
