@@ -30,7 +30,8 @@ token: how much more the teacher knows about *this* token than the student does 
 
 The tau^2 factor keeps the soft term's gradient on the scale of the hard term's (Hinton et al.
 2015). The teacher runs under `torch.inference_mode`, once per micro-batch; validation loss is
-always the plain cross-entropy, so runs with any weighting compare directly.
+always the plain cross-entropy, so runs with any weighting compare directly. Logits are
+computed a chunk of positions at a time (see `DistillObjective`), so a 202k vocabulary fits.
 
 Measured (`benchmarks/distill_experiment.py`: a 4.5M-parameter teacher, a 0.7M-parameter
 student, 614k training tokens per student, validation loss on a book never trained on):
@@ -50,6 +51,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llama4.train.data import IGNORE
 
@@ -100,21 +102,56 @@ def distillation_loss(
 
 
 class DistillObjective:
-    """The trainer's objective: teacher logits once per micro-batch, then `distillation_loss`."""
+    """The trainer's objective: teacher and student hidden states once per micro-batch, then
+    `distillation_loss` on chunks of positions.
 
-    def __init__(self, teacher: nn.Module, temperature: float, weighting: str, soft_weight: float) -> None:
+    Both models' logits are computed chunk by chunk (``chunk_rows`` positions at a time; by
+    default as many as fit in the trainer's LOGIT_CHUNK_ELEMENTS) and the student's are
+    recomputed in the backward pass rather than kept: with Llama 4's 202048-token vocabulary,
+    two (N, V) float32 logit tensors and their softmaxes would dwarf every other activation.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        temperature: float,
+        weighting: str,
+        soft_weight: float,
+        chunk_rows: int | None = None,
+    ) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
         self.temperature, self.weighting, self.soft_weight = temperature, weighting, soft_weight
+        self.chunk_rows = chunk_rows
 
     def __call__(self, model, inputs, targets):
+        from llama4.train.trainer import LOGIT_CHUNK_ELEMENTS
+
         with torch.inference_mode():
-            teacher_logits = self.teacher(inputs).float()
-        teacher_logits = teacher_logits.clone()  # a normal tensor: inference tensors can't enter autograd
-        student_logits = model(inputs)
+            teacher_h = self.teacher.hidden(inputs).flatten(0, 1)
+        teacher_h = teacher_h.clone()  # a normal tensor: inference tensors can't enter autograd
+        student_h = model.hidden(inputs).flatten(0, 1)  # (N, D)
+        y = targets.flatten()
+        rows = self.chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // model.config.text.vocab_size)
+        total, parts = student_h.new_zeros((), dtype=torch.float32), {}
+        for s in range(0, y.shape[0], rows):
+            args = (model.output, student_h[s : s + rows], teacher_h[s : s + rows], y[s : s + rows])
+            loss, chunk_parts = (
+                self._chunk(*args)
+                if rows >= y.shape[0]
+                else checkpoint(self._chunk, *args, use_reentrant=False)
+            )
+            total = total + loss
+            for k, v in chunk_parts.items():
+                parts[k] = parts.get(k, 0) + v
+        return total, parts
+
+    def _chunk(self, head, h, teacher_h, y):
+        with torch.no_grad():
+            teacher_logits = self.teacher.output(teacher_h).float()
         return distillation_loss(
-            student_logits.flatten(0, 1),
-            teacher_logits.flatten(0, 1),
-            targets.flatten(),
+            head(h),
+            teacher_logits,
+            y,
             temperature=self.temperature,
             weighting=self.weighting,
             soft_weight=self.soft_weight,
