@@ -2,14 +2,16 @@
 
 - `layers.linear` (oneDNN for few-row float32 products on CPU) == F.linear
 - `attention.decode_attention` (one query per row, two matmuls) == SDPA
-- `layers.apply_rope` (complex multiply) == the cos/sin formula written out
 - `layers.rms_norm` (torch's fused kernel for float32) == the formula
 - `MoE._forward_few` (loop over chosen experts) == grouped dispatch == dense
 - `prepare_for_inference` (fused q/k/v and gate/up, transposed experts): same logits, same
-  state_dict, and it steps aside for LoRA and for weights replaced after it ran.
+  state_dict, same Parameter objects; training, LoRA, torch.compile and weights replaced after
+  it ran take the separate projections; preparing again re-fuses.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from llama4.engine import Engine, SamplingParams
 from llama4.model import moe as moe_module
 from llama4.model.attention import decode_attention
 from llama4.model.inference import prepare_for_inference
-from llama4.model.layers import apply_rope, linear, rms_norm, rope_frequencies, rope_rotation
+from llama4.model.layers import linear, rms_norm
 from llama4.model.transformer import Transformer
 from llama4.train.lora import apply_lora
 
@@ -56,23 +58,6 @@ def test_decode_attention_equals_sdpa(B, H, K, S, masked):
         mask = (torch.arange(S) < lengths[:, None])[:, None, None]  # (B, 1, 1, S)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     assert rel(decode_attention(q, k, v, mask), ref) <= 1e-6
-
-
-def test_rope_equals_the_formula():
-    torch.manual_seed(0)
-    x = torch.randn(2, 7, 3, 16)
-    positions = torch.randint(0, 5000, (2, 7))
-    inv_freq = rope_frequencies(16, 500000.0, None)
-    angles = positions[..., None].float() * inv_freq  # (B, T, Dh/2)
-    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    ref = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-    rot = rope_rotation(positions, inv_freq)
-    assert rel(apply_rope(x, rot), ref) <= 1e-5
-    # A view that does not start at an even offset (k after an odd-sized q in a fused product).
-    wide = torch.randn(2, 7, 3 * 16 + 1)[..., 1:].unflatten(-1, (3, 16))
-    assert rel(apply_rope(wide, rot), apply_rope(wide.contiguous(), rot)) == 0
-    assert apply_rope(x.bfloat16(), rot).dtype == torch.bfloat16
 
 
 def test_rms_norm_equals_the_formula():
@@ -111,7 +96,7 @@ def test_few_token_moe_equals_grouped_and_dense(top_k, n, monkeypatch):
         assert rel(m(x), dense) <= 1e-6
 
 
-def small_model(seed: int = 0) -> Transformer:
+def small_model(seed: int = 0, **overrides) -> Transformer:
     t = TextConfig(
         vocab_size=300,
         dim=64,
@@ -125,6 +110,7 @@ def small_model(seed: int = 0) -> Transformer:
         max_seq_len=128,
         moe=MoEConfig(num_experts=4, top_k=1, hidden_dim=48, interleave_step=2),
     )
+    t = dataclasses.replace(t, **overrides)
     model = Transformer(ModelConfig(text=t))
     model.init_weights(seed=seed)
     return model.eval()
@@ -138,7 +124,7 @@ def test_prepare_keeps_values_and_state_dict():
         before = model(tokens)
     prepare_for_inference(model)
     prepare_for_inference(model)  # idempotent
-    assert model.layers[0].attention.fused_qkv.current() is not None
+    assert model.layers[0].attention.fused_qkv.valid()
     sd = model.state_dict()
     assert sd.keys() == before_sd.keys()
     assert all(torch.equal(sd[k], before_sd[k]) for k in sd)
@@ -178,6 +164,42 @@ def test_prepare_steps_aside_for_lora_and_replaced_weights():
     m2 = small_model(seed=2)
     prepare_for_inference(m2)
     m2 = m2.double()  # replaces every parameter: the fused copies are stale and must not be used
-    assert m2.layers[0].attention.fused_qkv.current() is None
     with torch.inference_mode():
-        assert m2(tokens).dtype == torch.float64
+        assert m2.layers[0].attention.fused_qkv.current() is None
+        ref64 = m2(tokens)
+        assert ref64.dtype == torch.float64
+        prepare_for_inference(m2)  # fuses again, in float64
+        assert m2.layers[0].attention.fused_qkv.current().dtype == torch.float64
+        assert rel(m2(tokens), ref64) <= 1e-12
+
+
+def test_training_after_prepare_updates_the_same_parameters():
+    model = small_model(seed=3)
+    params = dict(model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    prepare_for_inference(model)  # e.g. an Engine was made for this model, then training goes on
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    model.train()
+    tokens = torch.randint(0, 300, (2, 16))
+    loss = model(tokens).logsumexp(-1).mean()
+    loss.backward()
+    attn, ffn = model.layers[1].attention, model.layers[1].feed_forward.shared_expert
+    for p in (attn.q_proj.weight, attn.v_proj.weight, ffn.gate_proj.weight, ffn.up_proj.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    before = attn.fused_qkv.weight.clone()
+    opt.step()  # the optimizer's parameters are the model's: the fused matrix follows
+    assert not torch.equal(attn.fused_qkv.weight, before)
+    assert torch.equal(attn.fused_qkv.weight[: attn.fused_qkv.sizes[0]], attn.q_proj.weight)
+
+
+def test_prepared_model_traces_without_graph_breaks():
+    """torch.compile sees the plain projections and no host reads: one graph for the forward.
+
+    (Dense: fp32 MoE layers cannot be traced on CPU, where torch's grouped GEMM is bf16-only
+    under compile; the engine then runs eagerly, with a warning.)"""
+    model = prepare_for_inference(small_model(seed=4, moe_layers=()))
+    tokens = torch.randint(0, 300, (1, 12))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model.hidden)(tokens)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

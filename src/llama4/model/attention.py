@@ -74,7 +74,8 @@ def decode_attention(
 
     Same as SDPA (mask broadcastable to (B, H, 1, S), True = attend; None = attend to all S),
     written as two small matrix products: on CPU, SDPA's kernel costs more in set-up than the
-    few thousand multiply-adds of a decode step. The query heads that share a key/value head are
+    few thousand multiply-adds of a decode step. For float32 (the scores are accumulated in the
+    inputs' dtype; SDPA's CPU kernel accumulates bf16/fp16 in float32). The query heads that share a key/value head are
     stacked as rows, so GQA needs no copy of k and v.
     """
     B, H, _, Dh = q.shape
@@ -107,7 +108,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # (B, T, D)
         positions: torch.Tensor,  # (B, T) absolute positions
-        rope: torch.Tensor,  # rotations (B, T, 1, Dh/2) complex64, see layers.rope_rotation
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin (B, T, 1, Dh/2)
         mask: torch.Tensor | None,  # without cache: None means positions are 0..T-1
         cache: AttentionCache | None = None,
     ) -> torch.Tensor:
@@ -117,7 +118,7 @@ class Attention(nn.Module):
         k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))
         if not self.is_global:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if self.use_qk_norm:  # after RoPE, as in the reference
                 q, k = rms_norm(q, self.norm_eps), rms_norm(k, self.norm_eps)
         elif self.temperature_tuning:
@@ -132,7 +133,7 @@ class Attention(nn.Module):
         elif mask is None and not self.is_global:
             out = chunked_causal_attention(q, k, v, self.chunk)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        if T == 1 and q.device.type == "cpu":
+        if T == 1 and q.device.type == "cpu" and q.dtype == torch.float32:
             out = decode_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(

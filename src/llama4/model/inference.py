@@ -1,8 +1,8 @@
 """Weights laid out for fast decoding: fused projections, experts stored for the matvec kernel.
 
 ``prepare_for_inference(model)`` (the engine calls it) changes where weights sit in memory,
-never their values. Every parameter keeps its name, shape and values, so state_dict, saving,
-loading and training see the same model.
+never their values. Every parameter keeps its identity, name, shape and values, so state_dict,
+saving, loading, optimizers and training see the same model.
 
 1. Fused projections (any device). The q, k and v projections of each attention layer become
    one matrix, and so do the gate and up projections of each SwiGLU (dense FFN and shared
@@ -10,12 +10,16 @@ loading and training see the same model.
    go. The separate parameters become views into the fused matrix (no extra memory), so in-place
    updates (optimizer steps, ``load_state_dict``) reach both. A module whose weight was replaced
    since (``.to()``, LoRA parametrizations, ``assign=True``) no longer matches its fused matrix
-   and quietly takes the unfused path.
+   and takes the unfused path; the next ``prepare_for_inference`` fuses it again.
 
 2. Expert memory order (CPU). The routed experts are (E, D, 2F) and (E, F, D) in checkpoints,
    i.e. input-major per expert. The few-row kernel of ``layers.linear`` (oneDNN) wants each
    expert's matrix output-major and contiguous, so on CPU the experts are stored as (E, 2F, D)
    and (E, D, F) and the parameters become transposed views with the checkpoint's shapes.
+   This copies the experts once when an Engine starts on CPU (a memory-mapped checkpoint is
+   read into RAM then).
+
+Autograd and torch.compile always take the separate projections (see `Fused.current`).
 """
 
 from __future__ import annotations
@@ -39,29 +43,39 @@ class Fused:
         self.sizes = [lin.weight.shape[0] for lin in linears]
         self._ptrs = [lin.weight.data_ptr() for lin in linears]
 
+    def valid(self) -> bool:
+        """Whether the Linears still are views into `weight` (not replaced, not parametrized)."""
+        return all(
+            type(lin) is Linear and lin.weight.data_ptr() == ptr for lin, ptr in zip(self.linears, self._ptrs)
+        )
+
     def current(self) -> torch.Tensor | None:
-        """The fused weight, or None when a Linear was replaced or parametrized since fusing."""
-        for lin, ptr in zip(self.linears, self._ptrs):
-            if type(lin) is not Linear or lin.weight.data_ptr() != ptr:
-                return None
+        """The fused weight for an inference forward, else None (take the separate Linears).
+
+        Training (autograd on) and torch.compile take the separate Linears: gradients belong to
+        their parameters, and the pointer check below would break the compiled graph.
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or not self.valid():
+            return None
         return self.weight
 
 
 @torch.no_grad()
 def fuse(linears: Sequence[nn.Linear]) -> Fused:
-    """One (sum of outs, in) matrix for Linears of the same input; their weights become views of it."""
+    """One (sum of outs, in) matrix for Linears of the same input; their weights become views of
+    it (the same Parameter objects: optimizers and hooks holding them are unaffected)."""
     w = torch.cat([lin.weight for lin in linears])
     start = 0
     for lin in linears:
         n = lin.weight.shape[0]
-        lin.weight = nn.Parameter(w[start : start + n], requires_grad=lin.weight.requires_grad)
+        lin.weight.data = w[start : start + n]
         start += n
     return Fused(w, linears)
 
 
-def _output_major(p: nn.Parameter) -> nn.Parameter:
-    """(E, I, O) parameter stored as (E, O, I): same values and shape, transposed memory."""
-    return nn.Parameter(p.transpose(1, 2).contiguous().transpose(1, 2), requires_grad=p.requires_grad)
+def _store_output_major(p: nn.Parameter) -> None:
+    """(E, I, O) parameter stored as (E, O, I) in place: same object, values and shape."""
+    p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @torch.no_grad()
@@ -72,17 +86,18 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     """
     cpu = next(model.parameters()).device.type == "cpu"
     for module in model.modules():
-        if isinstance(module, Attention) and module.fused_qkv is None:
+        if isinstance(module, Attention) and not (module.fused_qkv and module.fused_qkv.valid()):
+            module.fused_qkv = None  # drop a stale copy (weights moved or replaced since)
             linears = [module.q_proj, module.k_proj, module.v_proj]
             if all(type(lin) is Linear for lin in linears):
                 module.fused_qkv = fuse(linears)
-        elif isinstance(module, FeedForward) and module.fused_gate_up is None:
+        elif isinstance(module, FeedForward) and not (module.fused_gate_up and module.fused_gate_up.valid()):
+            module.fused_gate_up = None
             linears = [module.gate_proj, module.up_proj]
             if all(type(lin) is Linear for lin in linears):
                 module.fused_gate_up = fuse(linears)
         elif isinstance(module, Experts) and type(module) is Experts and cpu:
-            for name in ("gate_up_proj", "down_proj"):
-                p = getattr(module, name)
+            for p in (module.gate_up_proj, module.down_proj):
                 if p.stride(-1) == 1:  # still input-major
-                    setattr(module, name, _output_major(p))
+                    _store_output_major(p)
     return model

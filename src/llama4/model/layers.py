@@ -52,6 +52,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) without bias: oneDNN for few-row float32 inference on CPU."""
     if (
         _ONEDNN
+        and not torch.compiler.is_compiling()  # Inductor cannot lower the oneDNN op
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
@@ -85,7 +86,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.fused_gate_up.current() if self.fused_gate_up is not None else None
-        if fused is None:
+        if fused is None:  # not prepared, training, compiling, or weights replaced since
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate, up = linear(x, fused).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
@@ -112,19 +113,19 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     return scaled
 
 
-def rope_rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """exp(i * position * frequency): (B, T) positions -> (B, T, 1, Dh/2) complex64."""
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency: (B, T) positions -> two (B, T, 1, Dh/2) float32 tensors."""
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
-    return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
 
-def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (0,1), (2,3), ... of the last dim: (B, T, H, Dh) -> same.
 
-    The complex-number convention of Meta's reference and of transformers' Llama 4 classes:
-    each pair is a complex number, multiplied by the position's rotation (float32).
+    The complex-number convention of Meta's reference and of transformers' Llama 4 classes,
+    in real arithmetic (which torch.compile generates code for).
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
-        pairs = pairs.contiguous()  # view_as_complex needs (re, im) adjacent and aligned
-    return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).type_as(x)
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, Dh/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)

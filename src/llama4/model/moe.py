@@ -113,7 +113,12 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, D)
         routing = self.router(x)
         self.last_routing = routing
-        if x.shape[0] * self.top_k <= FEW_TOKENS and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if (
+            x.shape[0] * self.top_k <= FEW_TOKENS
+            and x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # it reads the routing on the host
+        ):
             return self._forward_few(x, routing).view(shape)
         flat_experts = routing.experts.flatten()  # (N*k,)
         order = flat_experts.argsort(stable=True)

@@ -15,7 +15,7 @@ from torch import nn
 
 from llama4.config import ModelConfig, TextConfig
 from llama4.model.attention import Attention, AttentionCache, attention_masks
-from llama4.model.layers import FeedForward, Linear, RMSNorm, rope_frequencies, rope_rotation
+from llama4.model.layers import FeedForward, Linear, RMSNorm, rope_cos_sin, rope_frequencies
 from llama4.model.moe import MoE, Router
 
 
@@ -96,7 +96,7 @@ class Transformer(nn.Module):
         pos = positions if positions is not None else torch.arange(T, device=tokens.device)[None].expand(B, T)
         if pos.shape != (B, T):
             raise ValueError(f"positions must have the shape of tokens {(B, T)}, got {tuple(pos.shape)}")
-        rope = rope_rotation(pos, self.rope_inv_freq)
+        rope = rope_cos_sin(pos, self.rope_inv_freq)
         global_mask = local_mask = None
         if cache is None and positions is not None:
             global_mask, local_mask = attention_masks(positions, t.attention_chunk_size)
