@@ -45,23 +45,26 @@ TEXT_KEYS: list[tuple[str, str]] = [
 MULTIMODAL_TEXT_PREFIX = "language_model."
 
 
-_PLACEHOLDER_PATTERNS = {"i": r"\d+", "rest": r".+"}
+# What each {placeholder} of a key template matches: a layer index, weight or bias, the rest of a
+# key; any other name matches one dotted component.
+PLACEHOLDER_PATTERNS = {"i": r"\d+", "p": "weight|bias", "rest": r".+"}
 
 
 @functools.cache
-def _compile(template: str) -> re.Pattern[str]:
+def template_pattern(template: str) -> re.Pattern[str]:
+    """The regex of a key template such as ``layers.{i}.attention.wq.{p}`` (whole key)."""
     pattern = ""
     for literal, name, _, _ in string.Formatter().parse(template):
         pattern += re.escape(literal)
         if name:
-            pattern += f"(?P<{name}>{_PLACEHOLDER_PATTERNS.get(name, r'[^.]+')})"
+            pattern += f"(?P<{name}>{PLACEHOLDER_PATTERNS.get(name, r'[^.]+')})"
     return re.compile(pattern + "$")
 
 
 def _translate(key: str, table: list[tuple[str, str]], reverse: bool) -> str | None:
     for hf, ours in table:
         src, dst = (ours, hf) if reverse else (hf, ours)
-        m = _compile(src).match(key)
+        m = template_pattern(src).match(key)
         if m:
             return dst.format(**m.groupdict())
     return None

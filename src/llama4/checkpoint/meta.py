@@ -28,17 +28,16 @@ Facts, from Meta's reference (``llama_models/llama4``: ``args.py``, ``model.py``
 from __future__ import annotations
 
 import codecs
-import functools
 import io
 import json
 import re
-import string
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llama4.checkpoint.hf import template_pattern
 from llama4.checkpoint.io import CheckpointError, build
 from llama4.config import ModelConfig, MoEConfig, RopeScaling, TextConfig, VisionConfig
 from llama4.model.transformer import Transformer
@@ -186,24 +185,11 @@ IGNORED = re.compile(
 # -- key templates ----------------------------------------------------------------------------
 
 
-_PLACEHOLDERS = {"i": r"\d+", "p": "weight|bias"}
-
-
-@functools.cache
-def _compile(template: str) -> re.Pattern[str]:
-    pattern = ""
-    for literal, name, _, _ in string.Formatter().parse(template):
-        pattern += re.escape(literal)
-        if name:
-            pattern += f"(?P<{name}>{_PLACEHOLDERS[name]})"
-    return re.compile(pattern)
-
-
 def _translate(key: str, table: list[tuple[str, str]], reverse: bool = False) -> list[str]:
     out = []
     for a, b in table:
         src, dst = (b, a) if reverse else (a, b)
-        m = _compile(src).fullmatch(key)
+        m = template_pattern(src).fullmatch(key)
         if m:
             out.append(dst.format(**m.groupdict()))
     return out
@@ -213,7 +199,7 @@ def meta_rows(our_key: str) -> list[tuple[str, int | None, str | None]]:
     """(Meta module name, split dim, part) of every Meta tensor that makes our tensor `our_key`."""
     out = []
     for meta, ours, split, part in KEYS:
-        m = _compile(ours).fullmatch(our_key)
+        m = template_pattern(ours).fullmatch(our_key)
         if m:
             out.append((meta.format(**m.groupdict()), split, part))
     return out
@@ -545,14 +531,14 @@ def _unfuse(
         )
 
     for key, tensor in state.items():
-        if m := _compile(FUSED_QKV).fullmatch(key):
+        if m := template_pattern(FUSED_QKV).fullmatch(key):
             q, kv = t.n_heads * t.head_dim // n_ranks, t.n_kv_heads * t.head_dim // n_ranks
             if tensor.dim() != 2 or tensor.shape[0] != q + 2 * kv:
                 raise bad(key, tensor, f"({q + 2 * kv}, {t.dim}) = [q; k; v] rows of this rank")
             prefix = f"layers.{m['i']}.attention."
             for name, part in zip(("wq", "wk", "wv"), tensor.split([q, kv, kv])):
                 put(prefix + name + ".weight", part, key)
-        elif m := _compile(FUSED_FC1).fullmatch(key):
+        elif m := template_pattern(FUSED_FC1).fullmatch(key):
             if tensor.dim() != 2 or tensor.shape[0] % 2:
                 raise bad(key, tensor, "(2 * F / ranks, dim) = [w1; w3]")
             w1, w3 = tensor.chunk(2, dim=0)
