@@ -1,7 +1,7 @@
 """The bundled nano model (src/llama4/assets/nano): it loads, writes, stops its turns, reads images,
 and its bits per byte on a held-out Austen excerpt stays where it was measured when it shipped.
 
-A broken loader, tokenizer, chat format or vision path fails here. Fast (a 12.65M-parameter model).
+A broken loader, tokenizer, chat format or vision path fails here. Fast (a 10.63M-parameter model).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from llama4.eval import evaluate_text
 DATA = Path(__file__).parent / "data"
 # Measured on tests/data/nano_persuasion_4k.txt (from austen_persuasion.txt, never trained on)
 # when the model shipped, plus a margin; a uniform guess over the vocabulary is ~3.6 bits/byte.
-BPB_MEASURED = 2.284  # bf16 weights as shipped, evaluated in float32
+BPB_MEASURED = 1.784  # bf16 weights as shipped, evaluated in float32
 BPB_BOUND = BPB_MEASURED + 0.05
 
 
@@ -57,14 +57,17 @@ def test_bundled_generates_english_words(bundled):
 
 
 def test_bundled_chat_turn_ends_with_eot(bundled):
-    """With `llama4 chat`'s default sampling (temperature 0.6, top-p 0.9) every reply ends its turn.
+    """With `llama4 chat`'s default sampling (temperature 0.6, top-p 0.9) every reply ends its turn
+    (measured: 16 of 16 sampled replies within 110 tokens).
 
     (Greedy decoding of a model this small falls into loops such as ", and the first, and the
     first"; sampling is what the chat command does.)
     """
     model, tok = bundled
     prompt = ChatFormat(tok).encode_dialog([{"role": "user", "content": "Who is Mr. Darcy?"}])
-    outs = llama4.generate(model, [prompt] * 4, 96, temperature=0.6, top_p=0.9, seed=0, stop_ids=[tok.eot_id])
+    outs = llama4.generate(
+        model, [prompt] * 4, 256, temperature=0.6, top_p=0.9, seed=0, stop_ids=[tok.eot_id]
+    )
     for out in outs:
         assert out[-1] == tok.eot_id, tok.decode(out)
 

@@ -7,8 +7,8 @@
 - chat: greedy replies to a few user turns, and whether each ends with <|eot|> within 96 tokens;
 - image naming (models with a vision tower): greedy answer to "What is this?" + image, exact
   match (case-insensitive) with the name, per held-out split of the eval JSONL
-  (fashion_test: real held-out Fashion-MNIST test images; emoji_augmented_views: new augmented
-  views of emoji seen in training; emoji_heldout_names: emoji never seen, names never seen).
+  (fashion_test: held-out Fashion-MNIST test images; emoji_heldout_views: new augmented views,
+  pixels never seen, of the emoji learned in training).
 """
 
 from __future__ import annotations

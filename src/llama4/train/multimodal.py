@@ -356,7 +356,7 @@ def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
     scale_decoder_lr(trainer, float(own.get("decoder_lr_scale", 1.0)))
     trainer.log(
         f"vision stage: {len(dialogs)} image dialogs, tiles {vision_cfg.image_size}px, "
-        f"{vision_cfg.tokens_per_tile} tokens per tile, every {own.get('text_every', 0)}th batch text"
+        f"{vision_cfg.tokens_per_tile} tokens per tile, one batch in {own.get('text_every', 0)} is text"
     )
     return trainer.fit()
 
