@@ -73,6 +73,14 @@ def fuse(linears: Sequence[nn.Linear]) -> Fused:
     return Fused(w, linears)
 
 
+def _refuse(fused: Fused | None, linears: list[nn.Linear]) -> Fused | None:
+    """`fused` if still valid, else a fresh fusion of `linears` (dropping a stale copy), or None
+    when one of them is not a plain Linear (e.g. LoRA-parametrized)."""
+    if fused is not None and fused.valid():
+        return fused
+    return fuse(linears) if all(type(lin) is Linear for lin in linears) else None
+
+
 def _store_output_major(p: nn.Parameter) -> None:
     """(E, I, O) parameter stored as (E, O, I) in place: same object, values and shape."""
     p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
@@ -86,16 +94,10 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     """
     cpu = next(model.parameters()).device.type == "cpu"
     for module in model.modules():
-        if isinstance(module, Attention) and not (module.fused_qkv and module.fused_qkv.valid()):
-            module.fused_qkv = None  # drop a stale copy (weights moved or replaced since)
-            linears = [module.q_proj, module.k_proj, module.v_proj]
-            if all(type(lin) is Linear for lin in linears):
-                module.fused_qkv = fuse(linears)
-        elif isinstance(module, FeedForward) and not (module.fused_gate_up and module.fused_gate_up.valid()):
-            module.fused_gate_up = None
-            linears = [module.gate_proj, module.up_proj]
-            if all(type(lin) is Linear for lin in linears):
-                module.fused_gate_up = fuse(linears)
+        if isinstance(module, Attention):
+            module.fused_qkv = _refuse(module.fused_qkv, [module.q_proj, module.k_proj, module.v_proj])
+        elif isinstance(module, FeedForward):
+            module.fused_gate_up = _refuse(module.fused_gate_up, [module.gate_proj, module.up_proj])
         elif isinstance(module, Experts) and type(module) is Experts and cpu:
             for p in (module.gate_up_proj, module.down_proj):
                 if p.stride(-1) == 1:  # still input-major

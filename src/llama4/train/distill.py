@@ -51,7 +51,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from llama4.train.data import IGNORE
 
@@ -106,9 +105,8 @@ class DistillObjective:
     `distillation_loss` on chunks of positions.
 
     Both models' logits are computed chunk by chunk (``chunk_rows`` positions at a time; by
-    default as many as fit in the trainer's LOGIT_CHUNK_ELEMENTS) and the student's are
-    recomputed in the backward pass rather than kept: with Llama 4's 202048-token vocabulary,
-    two (N, V) float32 logit tensors and their softmaxes would dwarf every other activation.
+    default the trainer's `logit_rows`), the student's recomputed in the backward pass, as the
+    trainer's own cross-entropy does (`trainer.sum_over_chunks`).
     """
 
     def __init__(
@@ -124,38 +122,27 @@ class DistillObjective:
         self.chunk_rows = chunk_rows
 
     def __call__(self, model, inputs, targets):
-        from llama4.train.trainer import LOGIT_CHUNK_ELEMENTS
+        from llama4.train.trainer import logit_rows, sum_over_chunks
 
         with torch.inference_mode():
             teacher_h = self.teacher.hidden(inputs).flatten(0, 1)
         teacher_h = teacher_h.clone()  # a normal tensor: inference tensors can't enter autograd
         student_h = model.hidden(inputs).flatten(0, 1)  # (N, D)
-        y = targets.flatten()
-        rows = self.chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // model.config.text.vocab_size)
-        total, parts = student_h.new_zeros((), dtype=torch.float32), {}
-        for s in range(0, y.shape[0], rows):
-            args = (model.output, student_h[s : s + rows], teacher_h[s : s + rows], y[s : s + rows])
-            loss, chunk_parts = (
-                self._chunk(*args)
-                if rows >= y.shape[0]
-                else checkpoint(self._chunk, *args, use_reentrant=False)
-            )
-            total = total + loss
-            for k, v in chunk_parts.items():
-                parts[k] = parts.get(k, 0) + v
-        return total, parts
+        rows = self.chunk_rows or logit_rows(model.config.text.vocab_size)
 
-    def _chunk(self, head, h, teacher_h, y):
-        with torch.no_grad():
-            teacher_logits = self.teacher.output(teacher_h).float()
-        return distillation_loss(
-            head(h),
-            teacher_logits,
-            y,
-            temperature=self.temperature,
-            weighting=self.weighting,
-            soft_weight=self.soft_weight,
-        )
+        def chunk(h, teacher_h, y):
+            with torch.no_grad():
+                teacher_logits = self.teacher.output(teacher_h).float()
+            return distillation_loss(
+                model.output(h),
+                teacher_logits,
+                y,
+                temperature=self.temperature,
+                weighting=self.weighting,
+                soft_weight=self.soft_weight,
+            )
+
+        return sum_over_chunks(chunk, rows, student_h, teacher_h, targets.flatten())
 
 
 def distill(cfg, *, sft: bool = False, log=print) -> dict:

@@ -46,23 +46,39 @@ def _ce_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(head(h).float(), targets, ignore_index=IGNORE, reduction="sum")
 
 
-def cross_entropy_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies, the (N, V) logits computed chunk by chunk.
+def sum_over_chunks(fn, rows: int, *tensors: torch.Tensor):
+    """fn(*chunks) summed over chunks of `rows` positions (dim 0 of every tensor).
 
-    Each chunk's logits are recomputed in the backward pass instead of kept: with Llama 4's
-    202048-token vocabulary the logits would otherwise dwarf every other activation.
+    fn returns a loss or a (loss, {name: sum}) pair; both are summed. With more than one chunk,
+    each chunk runs under activation checkpointing: its logits are recomputed in the backward
+    pass instead of kept (with Llama 4's 202048-token vocabulary they would otherwise dwarf every
+    other activation).
     """
-    h = model.hidden(inputs).flatten(0, 1)  # (N, D)
-    t = targets.flatten()
-    rows = max(1, LOGIT_CHUNK_ELEMENTS // model.config.text.vocab_size)
-    if h.shape[0] <= rows:
-        return _ce_sum(model.output, h, t)
-    total = h.new_zeros((), dtype=torch.float32)
-    for s in range(0, h.shape[0], rows):
-        total = total + checkpoint(
-            _ce_sum, model.output, h[s : s + rows], t[s : s + rows], use_reentrant=False
-        )
+    n = tensors[0].shape[0]
+    if n <= rows:
+        return fn(*tensors)
+    total = None
+    for s in range(0, n, rows):
+        out = checkpoint(fn, *(t[s : s + rows] for t in tensors), use_reentrant=False)
+        if total is None:
+            total = out
+        elif isinstance(out, tuple):
+            total = (total[0] + out[0], {k: total[1][k] + v for k, v in out[1].items()})
+        else:
+            total = total + out
     return total
+
+
+def logit_rows(vocab_size: int) -> int:
+    """Positions per chunk so that at most LOGIT_CHUNK_ELEMENTS logits are alive at once."""
+    return max(1, LOGIT_CHUNK_ELEMENTS // vocab_size)
+
+
+def cross_entropy_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies, the (N, V) logits computed chunk by chunk."""
+    h = model.hidden(inputs).flatten(0, 1)  # (N, D)
+    rows = logit_rows(model.config.text.vocab_size)
+    return sum_over_chunks(lambda h, t: _ce_sum(model.output, h, t), rows, h, targets.flatten())
 
 
 class Objective(Protocol):
