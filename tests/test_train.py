@@ -208,6 +208,68 @@ def test_loss_falls_on_real_text_and_outputs_load(tmp_path):
         assert (Path(cfg.out) / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_train_from_a_checkpoint_continues_its_weights(tmp_path):
+    """`llama4 train --model PATH`: more pretraining of a checkpoint (fresh optimizer and schedule)."""
+    from llama4.cli import main
+
+    first = small_config(
+        tmp_path / "a", steps=25, warmup_steps=2, val_data=[str(VAL_TEXT)], balance_gamma=0.0
+    )
+    trainer = Trainer(first, log=lambda _: None)
+    trainer.fit()
+    trained = trainer.evaluate()
+    model_dir = Path(first.out) / "model"
+    common = [
+        "--data",
+        str(TEXT),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--steps",
+        "1",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "4",
+        "--no-progress",
+    ]
+    # lr 0: one step leaves the weights as loaded, so the run evaluates like the checkpoint.
+    again = Trainer(
+        make_config(
+            _train_args(
+                [
+                    "--model",
+                    str(model_dir),
+                    "--out",
+                    str(tmp_path / "b"),
+                    "--val-data",
+                    str(VAL_TEXT),
+                    *common,
+                ]
+            )
+        ),
+        log=lambda _: None,
+    )
+    assert again.evaluate() == pytest.approx(trained, abs=1e-5)
+    fresh = Trainer(small_config(tmp_path / "c", steps=1, val_data=[str(VAL_TEXT)]), log=lambda _: None)
+    assert fresh.evaluate() > trained + 1.0  # the checkpoint was not ignored
+    assert main(["train", "--model", str(model_dir), "--out", str(tmp_path / "d"), *common]) == 0
+    assert (tmp_path / "d" / "model" / "model.safetensors").exists()
+    with pytest.raises(SystemExit, match="not both"):
+        main(["train", "--model", str(model_dir), "--preset", "debug", "--out", str(tmp_path / "e"), *common])
+
+
+def _train_args(argv: list[str]):
+    from llama4.cli import build_parser
+
+    return build_parser().parse_args(["train", *argv])
+
+
 def test_activation_checkpointing_gives_the_same_step(tmp_path):
     runs = []
     for ac in (False, True):

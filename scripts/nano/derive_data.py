@@ -16,7 +16,7 @@ Writes
               (Fashion-MNIST), with an optional "@aug:SEED" augmented view
               (llama4.train.multimodal reads them). Emoji: the animals, plants and foods (248 of
               the 3010; most of the rest are skin-tone and flag variants a 64 px two-layer tower
-              cannot tell apart in a CPU budget), each as drawn plus 12 augmented views. Held out
+              cannot tell apart in a CPU budget), each as drawn plus 39 augmented views. Held out
               for evaluation: one more augmented view of each of those emoji (shifted, scaled,
               recoloured: pixels never seen) and the Fashion-MNIST test split.
 """
@@ -97,6 +97,19 @@ def write_chat(out: Path, n: int, seed: int) -> None:
             )
 
 
+def write_text(out: Path, n: int, seed: int) -> None:
+    rng = random.Random(seed + 1)
+    pools = {p.name: sentences(p.read_text(encoding="utf-8", errors="replace")) for p in training_texts()}
+    names = sorted(pools)
+    weights = [AUSTEN_REPEATS if name.startswith("austen_") else 1 for name in names]
+    with open(out / "text.jsonl", "w") as f:
+        for _ in range(n):
+            pool = pools[rng.choices(names, weights)[0]]
+            k = rng.randint(4, 12)
+            i = rng.randrange(0, len(pool) - k)
+            f.write(json.dumps({"text": " ".join(pool[i : i + k])}) + "\n")
+
+
 def _dialog(image_ref: str, answer: str, question: str) -> dict:
     return {
         "messages": [
@@ -161,9 +174,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/nano/data"))
     ap.add_argument("--only", choices=["pretrain", "chat", "vision"], nargs="*")
     ap.add_argument("--chat-examples", type=int, default=20000)
-    ap.add_argument("--fashion-train", type=int, default=4000)
+    ap.add_argument("--text-passages", type=int, default=10000)
+    ap.add_argument("--fashion-train", type=int, default=2000)
     ap.add_argument("--fashion-test", type=int, default=1000)
-    ap.add_argument("--emoji-augmentations", type=int, default=12)
+    ap.add_argument("--emoji-augmentations", type=int, default=39)
     ap.add_argument(
         "--emoji-groups",
         nargs="*",
@@ -178,6 +192,7 @@ def main() -> None:
         write_pretrain(args.out)
     if "chat" in parts:
         write_chat(args.out, args.chat_examples, args.seed)
+        write_text(args.out, args.text_passages, args.seed)
     if "vision" in parts:
         write_vision(
             args.out,

@@ -2,8 +2,10 @@
 # The whole recipe of the bundled nano Llama 4 (src/llama4/assets/nano), from the shared data:
 #   bash scripts/nano/recipe.sh            (CPU; writes runs/nano/, then the package assets)
 # Stages: data -> tokenizer -> text pretraining (MoE, plus the dense baseline of equal active
-# parameters, the two run concurrently with one thread each) -> chat SFT -> vision -> checks ->
-# ship (bf16). Wall time of each stage goes to runs/nano/times.txt.
+# parameters, the two run concurrently with one thread each) -> more pretraining of both (a
+# re-warmed schedule from their weights) -> vision tower alone -> chat SFT (with plain text) ->
+# vision (the tower fused into the chat model) -> ship (bf16) -> checks. Wall time of each
+# stage goes to runs/nano/times.txt.
 #
 # Measured for the shipped model (2 CPU cores, other work on the machine at times): data 26 s,
 # tokenizer 95 s, pretraining 98 min (MoE and dense baseline at once, one thread each;
@@ -28,7 +30,16 @@ pretrain() {
   local dense=$!
   wait $moe && wait $dense
 }
+pretrain_more() {  # both runs again, from their stage-1 weights (a re-warmed schedule)
+  llama4 train --config recipes/nano_more.toml > $R/pretrain_more.log 2>&1 &
+  local moe=$!
+  llama4 train --config recipes/nano_dense_more.toml > $R/pretrain_dense_more.log 2>&1 &
+  local dense=$!
+  wait $moe && wait $dense
+}
 stage pretrain pretrain
+stage pretrain_more pretrain_more
+OMP_NUM_THREADS=2 stage tower python -m llama4.train.multimodal --tower --config recipes/nano_tower.toml
 OMP_NUM_THREADS=2 stage chat llama4 finetune --config recipes/nano_chat.toml
 OMP_NUM_THREADS=2 stage vision python -m llama4.train.multimodal --config recipes/nano_vision.toml
 stage ship python scripts/nano/ship.py $R/vision/model src/llama4/assets/nano
@@ -38,7 +49,8 @@ stage ship python scripts/nano/ship.py $R/vision/model src/llama4/assets/nano
 stage first_run llama4 train --config recipes/nano.toml --steps 100 --out $R/first_run
 
 # Validation bits per byte (austen_persuasion.txt, never trained on) and the checks.
-for m in first_run/model pretrain/model pretrain_dense/model chat/model; do
+for m in first_run/model pretrain/model pretrain_dense/model pretrain_more/model pretrain_dense_more/model \
+  chat/model vision/model; do
   echo "$m $(llama4 eval --model $R/$m --text /work/shared/data/text/austen_persuasion.txt --json)" | tee -a $R/bpb.txt
 done
 stage checks python scripts/nano/evaluate.py src/llama4/assets/nano --images $R/data/vision_eval.jsonl \

@@ -84,7 +84,8 @@ def decode_attention(
     scores = torch.matmul(qg, k.transpose(-1, -2)) * Dh**-0.5  # (B, K, G, S)
     if mask is not None:
         scores = scores.masked_fill(~mask.expand(B, H, 1, S).reshape(B, K, H // K, S), float("-inf"))
-    out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)  # (B, K, G, Dh)
+    probs = scores.softmax(-1, dtype=torch.float32)
+    out = torch.matmul(probs if probs.dtype == v.dtype else probs.to(v.dtype), v)  # (B, K, G, Dh)
     return out.reshape(B, H, 1, Dh)
 
 
@@ -113,20 +114,23 @@ class Attention(nn.Module):
         cache: AttentionCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self._project(x)
-        q = q.unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, H, Dh)
-        k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))
-        v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))
+        H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        qk, v = self._project(x)
+        qk = qk.unflatten(-1, (H + K, Dh))  # (B, T, H + K, Dh): queries and keys rotate together
+        v = v.unflatten(-1, (K, Dh))
         if not self.is_global:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)
             if self.use_qk_norm:  # after RoPE, as in the reference
-                q, k = rms_norm(q, self.norm_eps), rms_norm(k, self.norm_eps)
-        elif self.temperature_tuning:
-            # Scalable-softmax-like query scaling; exactly 1 below floor_scale - 1 positions.
-            scale = 1.0 + self.attn_scale * torch.log1p(
-                torch.floor((positions.float() + 1.0) / self.floor_scale)
-            )
-            q = (q * scale[:, :, None, None]).to(q.dtype)
+                qk = rms_norm(qk, self.norm_eps)
+            q, k = qk.split((H, K), dim=2)
+        else:
+            q, k = qk.split((H, K), dim=2)
+            if self.temperature_tuning:
+                # Scalable-softmax-like query scaling; exactly 1 below floor_scale - 1 positions.
+                scale = 1.0 + self.attn_scale * torch.log1p(
+                    torch.floor((positions.float() + 1.0) / self.floor_scale)
+                )
+                q = (q * scale[:, :, None, None]).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, Dh)
         if cache is not None:
             k, v, mask = cache.update(self.layer_id, k, v)
@@ -141,9 +145,15 @@ class Attention(nn.Module):
             )  # (B, H, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v (B, T, heads * Dh): one product with the fused weight when there is one."""
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys side by side (B, T, (H + K) * Dh), and values (B, T, K * Dh).
+
+        With the fused weight (inference) it is one product whose first columns are q and k;
+        otherwise (training) q and k are concatenated, so both take the same RoPE and norm ops.
+        """
         fused = self.fused_qkv.current() if self.fused_qkv is not None else None
         if fused is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return linear(x, fused).split(self.fused_qkv.sizes, dim=-1)
+            return torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x)
+        qkv = linear(x, fused)
+        n_qk = (self.n_heads + self.n_kv_heads) * self.head_dim
+        return qkv[..., :n_qk], qkv[..., n_qk:]

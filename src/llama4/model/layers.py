@@ -125,7 +125,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     The complex-number convention of Meta's reference and of transformers' Llama 4 classes,
     in real arithmetic (which torch.compile generates code for).
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, Dh/2, 2)
+    xf = (x if x.dtype == torch.float32 else x.float()).unflatten(-1, (-1, 2))  # (B, T, H, Dh/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return out if out.dtype == x.dtype else out.to(x.dtype)

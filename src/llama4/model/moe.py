@@ -50,7 +50,11 @@ class Router(nn.Module):
         self.register_buffer("bias", torch.zeros(num_experts), persistent=True)
 
     def forward(self, x: torch.Tensor) -> Routing:  # x: (N, D)
-        logits = F.linear(x.float(), self.weight.float())  # router in float32
+        f32 = torch.float32
+        logits = F.linear(  # the router runs in float32
+            x if x.dtype == f32 else x.float(),
+            self.weight if self.weight.dtype == f32 else self.weight.float(),
+        )
         # Adding the (usually zero) bias unconditionally: testing it first would cost a device
         # sync per layer per step on GPU.
         experts = (logits + self.bias).topk(self.top_k, dim=-1).indices  # (N, k)
@@ -134,7 +138,11 @@ class MoE(nn.Module):
         """Decode-sized inputs on CPU: each chosen expert on its tokens, straight from the
         routing (a few small products; no sort, no grouped GEMM over mostly empty groups)."""
         out = self.shared_expert(x)
-        gates = routing.gates.to(x.dtype)
+        gates = routing.gates if routing.gates.dtype == x.dtype else routing.gates.to(x.dtype)
+        if x.shape[0] == 1:  # one token (batch-1 decoding): its k experts, no gather or scatter
+            for j, e in enumerate(routing.experts[0].tolist()):
+                out += self.experts.forward_one(x * gates[:, j, None], e)
+            return out
         chosen: dict[int, tuple[list[int], list[int]]] = {}  # expert -> (tokens, which of k)
         for n, row in enumerate(routing.experts.tolist()):
             for j, e in enumerate(row):

@@ -284,6 +284,77 @@ def add_vision_tower(text_model_dir: str | Path, vision_cfg, image_token_id: int
     return model.train()
 
 
+def pretrain_tower(
+    tower,
+    records: list[list[dict[str, Any]]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log=print,
+) -> dict[str, float]:
+    """Train a fresh vision tower (and its adapter) as a classifier of the dialogs' answers.
+
+    Llama 4's vision encoder is trained apart from the language model before early fusion; here
+    the tower learns to tell the training images' names apart through a linear head over its mean
+    output feature (dropped afterwards), on a fresh augmented view of an image 9 times in 10. An
+    image costs the tower a few MFLOPs against ~1 GFLOP for a dialog through the decoder, so the
+    tower sees each image hundreds of times for the price of a few decoder steps. `records`: chat
+    dialogs with one image and one assistant reply. Returns the last logged record (the accuracy
+    is on the step's batch, drawn before the update: fresh views, as good as held out).
+    """
+    from llama4.image import preprocess_image
+    from llama4.train.trainer import warmup_cosine
+
+    refs, answers = [], []
+    for messages in records:
+        parts = image_parts(messages)
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        if len(parts) == 1 and len(replies) == 1 and isinstance(replies[0], str):
+            refs.append(parts[0].partition("@aug:")[0])  # the image as drawn; views are drawn below
+            answers.append(replies[0])
+    if not refs:
+        raise ValueError("tower pretraining needs dialogs with one image and one assistant reply")
+    classes = sorted(set(answers))
+    labels = torch.tensor([classes.index(a) for a in answers])
+    cfg = tower.cfg
+    head = torch.nn.Linear(tower.projector.out_features, len(classes))
+    params = [*tower.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, steps // 20), steps, 0.1))
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    log(f"tower pretraining: {len(refs)} images, {len(classes)} names, {steps} steps of {batch_size}")
+    record: dict[str, float] = {}
+    tower.train()
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(refs), (batch_size,), generator=gen).tolist()
+        tiles, owner = [], []
+        for j, i in enumerate(idx):
+            image = load_image_ref(refs[i])
+            if rng.random() < 0.9:
+                image = augment(image, rng.randrange(1 << 30))
+            t = preprocess_image(image, tile_size=cfg.image_size, max_tiles=cfg.max_tiles).pixel_values
+            tiles.append(t)
+            owner += [j] * t.shape[0]
+        feats = tower(torch.cat(tiles)).mean(1)  # (tiles, D): each tile's mean token
+        owner_t = torch.tensor(owner)
+        pooled = torch.zeros(batch_size, feats.shape[1]).index_add(0, owner_t, feats)
+        pooled = pooled / torch.bincount(owner_t, minlength=batch_size)[:, None]  # (B, D) per image
+        logits = head(pooled)
+        loss = F.cross_entropy(logits, labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps:
+            acc = (logits.argmax(-1) == labels[idx]).float().mean().item()
+            record = {"step": step, "loss": round(loss.item(), 4), "accuracy": round(acc, 4)}
+            log(json.dumps({"tower_pretraining": record}))
+    return record
+
+
 # -- command -------------------------------------------------------------------------------------------
 
 
@@ -295,7 +366,8 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     with open(path, "rb") as f:
         raw = tomllib.load(f)
-    own = {k: raw.pop(k) for k in ("images", "text_every", "decoder_lr_scale", "vision") if k in raw}
+    own_keys = ("images", "text_every", "decoder_lr_scale", "vision", "tower")
+    own = {k: raw.pop(k) for k in own_keys if k in raw}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -333,6 +405,63 @@ def scale_decoder_lr(trainer, scale: float) -> None:
     )
 
 
+def train_tower(config: str | Path, out: str | None = None, steps: int | None = None) -> dict[str, Any]:
+    """The tower stage: pretrain a fresh vision tower alone (`pretrain_tower`), write it to OUT.
+
+    TOML keys: ``images`` (JSONL image dialogs), ``out``, ``seed``, ``text_dim`` (the decoder
+    width the projector maps to), a ``[vision]`` table (VisionConfig) and ``[tower_pretraining]``
+    (``steps``, ``batch_size``, ``lr``). Writes OUT/tower.safetensors, OUT/vision_config.json and
+    OUT/metrics.json; the vision stage starts from it with ``tower = "OUT"``.
+    """
+    import dataclasses
+    import time
+    import tomllib
+
+    from safetensors.torch import save_file
+
+    from llama4.config import VisionConfig
+    from llama4.model.vision import VisionTower
+
+    with open(config, "rb") as f:
+        raw = tomllib.load(f)
+    unknown = set(raw) - {"images", "out", "seed", "text_dim", "vision", "tower_pretraining"}
+    if unknown:
+        raise ValueError(f"{config}: unknown keys {sorted(unknown)} for the tower stage")
+    seed, tp, vision_cfg = raw.get("seed", 0), dict(raw["tower_pretraining"]), VisionConfig(**raw["vision"])
+    if steps is not None:
+        tp["steps"] = steps
+    torch.manual_seed(seed)
+    tower = VisionTower(vision_cfg, raw["text_dim"])
+    records = []
+    for f in raw["images"]:
+        records += [json.loads(line)["messages"] for line in Path(f).read_text().splitlines() if line.strip()]
+    t0 = time.perf_counter()
+    record = pretrain_tower(tower, records, seed=seed, **tp)
+    record["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    dst = Path(out or raw["out"])
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, dst / "tower.safetensors")
+    fields = [f.name for f in dataclasses.fields(vision_cfg) if f.init]
+    (dst / "vision_config.json").write_text(json.dumps({k: getattr(vision_cfg, k) for k in fields}, indent=1))
+    (dst / "metrics.json").write_text(json.dumps({**record, "text_dim": raw["text_dim"]}) + "\n")
+    return record
+
+
+def load_tower(path: str | Path):
+    """(VisionConfig, state dict) of a tower written by `train_tower`."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from llama4.config import VisionConfig
+
+    path = Path(path)
+    saved = json.loads((path / "vision_config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(VisionConfig) if f.init}  # not the derived ones
+    cfg = VisionConfig(**{k: v for k, v in saved.items() if k in fields})
+    return cfg, load_file(path / "tower.safetensors")
+
+
 def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
     """Run the vision stage described by a TOML file; returns the Trainer's last metrics record."""
     from llama4.config import VisionConfig
@@ -342,18 +471,31 @@ def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
     values, own = read_config(config)
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**values)
-    vision_cfg = VisionConfig(**own["vision"])
+    if ("tower" in own) == ("vision" in own):
+        raise ValueError(
+            f"{config}: give `tower` (a pretrained tower's folder) or a [vision] table, not both"
+        )
+    vision_cfg, tower_state = (
+        load_tower(own["tower"]) if "tower" in own else (VisionConfig(**own["vision"]), None)
+    )
     from llama4.train.data import load_tokenizer
     from llama4.train.trainer import tokenizer_path_for
 
     patch_id = load_tokenizer(tokenizer_path_for(cfg, cfg.model)).special_tokens["<|patch|>"]
     model = add_vision_tower(cfg.model, vision_cfg, patch_id, cfg.seed)
+    if tower_state is not None:
+        model.vision.load_state_dict(tower_state)
     trainer = Trainer(cfg, model=model, sft=True)  # data: chat JSONL (text) for the mix
     dialogs = ImageDialogs(own["images"], trainer.tokenizer, vision_cfg)
     images = ImageTextStream(dialogs, cfg.batch_size, cfg.seq_len, trainer.tokenizer.eos_id, cfg.seed)
     trainer.data.train = MixedStream(images, trainer.data.train, int(own.get("text_every", 0)))
     trainer.objective = ImageTextObjective(images.pixels)
-    scale_decoder_lr(trainer, float(own.get("decoder_lr_scale", 1.0)))
+    scale = float(own.get("decoder_lr_scale", 1.0))
+    if scale == 0.0 and int(own.get("text_every", 0)) > 0:
+        raise ValueError(
+            f"{config}: decoder_lr_scale = 0 freezes the decoder, so text batches (text_every) train nothing"
+        )
+    scale_decoder_lr(trainer, scale)
     trainer.log(
         f"vision stage: {len(dialogs)} image dialogs, tiles {vision_cfg.image_size}px, "
         f"{vision_cfg.tokens_per_tile} tokens per tile, one batch in {own.get('text_every', 0)} is text"
@@ -366,10 +508,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Train a text checkpoint's vision tower and decoder on image dialogs."
     )
     p.add_argument("--config", required=True, help="TOML: run config + model, images, text_every, [vision]")
+    p.add_argument("--tower", action="store_true", help="the tower stage: pretrain a vision tower alone")
     p.add_argument("--steps", type=int)
     p.add_argument("--out")
     p.add_argument("--model")
     args = p.parse_args(argv)
+    if args.tower:
+        print(json.dumps(train_tower(args.config, out=args.out, steps=args.steps)))
+        return 0
     print(json.dumps(train_vision(args.config, steps=args.steps, out=args.out, model=args.model)))
     return 0
 

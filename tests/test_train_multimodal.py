@@ -1,0 +1,170 @@
+"""The vision stages of training (llama4.train.multimodal): the tower alone, then fused into a decoder.
+
+Images are small PNG files written here (coloured shapes with names), so the tests need no
+shared data. The decoder is a `debug`-preset model trained two steps with the 512-rank test BPE.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from test_train import TOKENIZER, small_config
+
+import llama4
+from llama4.train.multimodal import ImageDialogs, ImageTextStream, load_tower, train_tower, train_vision
+from llama4.train.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VISION = """
+[vision]
+image_size = 16
+patch_size = 4
+dim = 32
+n_layers = 1
+n_heads = 2
+mlp_hidden_dim = 64
+pixel_shuffle_ratio = 0.5
+adapter_dim = 64
+adapter_out_dim = 64
+vision_output_dim = 64
+max_tiles = 4
+"""
+SHAPES = {"red disc": ("red", "ellipse"), "blue square": ("blue", "rectangle"), "green bar": ("green", "bar")}
+
+
+def write_images(folder: Path) -> list[dict]:
+    """Dialogs 'What is this?' + image -> name, one per shape (the tower draws its own views)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dialogs = []
+    for name, (colour, shape) in SHAPES.items():
+        img = Image.new("RGB", (16, 16), "white")
+        d = ImageDraw.Draw(img)
+        box = (1, 6, 14, 9) if shape == "bar" else (2, 2, 13, 13)
+        getattr(d, "rectangle" if shape == "bar" else shape)(box, fill=colour)
+        path = folder / f"{name.replace(' ', '_')}.png"
+        img.save(path)
+        user = {
+            "role": "user",
+            "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "What is this?"}],
+        }
+        dialogs.append({"messages": [user, {"role": "assistant", "content": name}]})
+    return dialogs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mm")
+    dialogs = write_images(root / "images")
+    images = root / "images.jsonl"
+    images.write_text("".join(json.dumps(d) + "\n" for d in dialogs * 4))
+    text = root / "text.jsonl"
+    text.write_text(
+        "".join(json.dumps({"text": f"A short line of plain text, number {i}."}) + "\n" for i in range(40))
+    )
+    decoder = Trainer(small_config(root / "dec", steps=2), log=lambda _: None)
+    decoder.fit()
+    return root, images, text, Path(decoder.cfg.out) / "model"
+
+
+def test_tower_alone_learns_the_names_and_round_trips(setup):
+    root, images, _, _ = setup
+    cfg = root / "tower.toml"
+    cfg.write_text(
+        f'images = ["{images}"]\nout = "{root / "tower"}"\nseed = 0\ntext_dim = 64\n'
+        "[tower_pretraining]\nsteps = 60\nbatch_size = 16\nlr = 3e-3\n" + VISION
+    )
+    record = train_tower(cfg)
+    # Fresh augmented views each step (recoloured background, scaled, shifted): the batch accuracy
+    # is measured before the update, on views the tower never saw.
+    assert record["step"] == 60 and record["accuracy"] >= 0.9, record
+    vision_cfg, state = load_tower(root / "tower")
+    assert vision_cfg.image_size == 16 and vision_cfg.tokens_per_tile == 4
+    assert state["projector.weight"].shape == (64, 64)
+
+
+def test_vision_stage_starts_from_the_tower_and_a_frozen_decoder_keeps_its_weights(setup):
+    root, images, text, decoder_dir = setup
+    dim = llama4.load(decoder_dir).config.text.dim  # the projector maps to the decoder's width
+    tower_dir = root / f"tower_{dim}"
+    cfg = root / "tower_d.toml"
+    cfg.write_text(
+        f'images = ["{images}"]\nout = "{tower_dir}"\nseed = 1\ntext_dim = {dim}\n'
+        "[tower_pretraining]\nsteps = 3\nbatch_size = 4\nlr = 3e-3\n" + VISION
+    )
+    train_tower(cfg)
+    _, tower_state = load_tower(tower_dir)
+    stage = root / "vision.toml"
+    common = (
+        f'model = "{decoder_dir}"\nimages = ["{images}"]\ndata = ["{text}"]\n'
+        f'cache_dir = "{root / "cache"}"\nsteps = 3\nbatch_size = 2\nseq_len = 64\nwarmup_steps = 1\n'
+        "eval_every = 0\nprogress = false\nbalance_gamma = 0.0\n"
+    )
+    # lr 0 and a frozen decoder: the written model is exactly the decoder plus the loaded tower.
+    stage.write_text(
+        common
+        + f'out = "{root / "v0"}"\ntower = "{tower_dir}"\nlr = 0.0\ndecoder_lr_scale = 0.0\ntext_every = 0\n'
+    )
+    train_vision(stage)
+    out = llama4.load(root / "v0" / "model", dtype=torch.float32)
+    for k, v in tower_state.items():
+        assert torch.equal(out.vision.state_dict()[k], v), k
+    base = llama4.load(decoder_dir, dtype=torch.float32).state_dict()
+    for k, v in base.items():
+        assert torch.equal(out.state_dict()[k], v), k
+    # With a learning rate, the decoder (at decoder_lr_scale) and the tower both move.
+    stage.write_text(
+        common
+        + f'out = "{root / "v1"}"\ntower = "{tower_dir}"\nlr = 1e-2\ndecoder_lr_scale = 0.1\ntext_every = 2\n'
+    )
+    record = train_vision(stage)
+    assert record["step"] == 3
+    moved = llama4.load(root / "v1" / "model", dtype=torch.float32)
+    assert not torch.equal(moved.vision.state_dict()["projector.weight"], tower_state["projector.weight"])
+    assert not torch.equal(moved.state_dict()["output.weight"], base["output.weight"])
+    # A frozen decoder has nothing to learn from text batches; a tower and a [vision] table together
+    # are ambiguous.
+    stage.write_text(
+        common + f'out = "{root / "v2"}"\ntower = "{tower_dir}"\ndecoder_lr_scale = 0.0\ntext_every = 2\n'
+    )
+    with pytest.raises(ValueError, match="train nothing"):
+        train_vision(stage)
+    stage.write_text(common + f'out = "{root / "v2"}"\ntower = "{tower_dir}"\nlr = 0.0\n' + VISION)
+    with pytest.raises(ValueError, match="not both"):
+        train_vision(stage)
+
+
+def test_packed_rows_queue_one_tile_per_patch_group(setup):
+    _, images, _, decoder_dir = setup
+    from llama4.config import VisionConfig
+    from llama4.train.data import load_tokenizer
+
+    tok = load_tokenizer(TOKENIZER)
+    vision_cfg = VisionConfig(
+        image_size=16,
+        patch_size=4,
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        mlp_hidden_dim=64,
+        pixel_shuffle_ratio=0.5,
+        adapter_dim=64,
+        adapter_out_dim=64,
+        vision_output_dim=64,
+        max_tiles=4,
+    )
+    stream = ImageTextStream(ImageDialogs([images], tok, vision_cfg), 2, 64, tok.eos_id, seed=0)
+    patch = tok.special_tokens["<|patch|>"]
+    for _ in range(3):
+        inputs, targets = stream.next()
+        tiles = stream.pixels.popleft()
+        assert int((inputs == patch).sum()) == tiles.shape[0] * vision_cfg.tokens_per_tile
+        # Loss only on the answers (and their <|eot|>): never on a patch or the user's question.
+        assert not bool((targets == patch).any())
+        answers = tok.decode(targets[targets >= 0].tolist()).split("<|eot|>")
+        assert answers[-1] == "" and len(answers) > 1
+        assert {a.strip() for a in answers[:-1]} <= set(SHAPES), answers
