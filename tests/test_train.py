@@ -236,9 +236,11 @@ def test_train_from_a_checkpoint_continues_its_weights(tmp_path):
         "0",
         "--eval-batches",
         "4",
+        "--balance-gamma",
+        "0",
         "--no-progress",
     ]
-    # lr 0: one step leaves the weights as loaded, so the run evaluates like the checkpoint.
+    # Before any step, the run's model is the checkpoint: it evaluates the same.
     again = Trainer(
         make_config(
             _train_args(
@@ -258,8 +260,12 @@ def test_train_from_a_checkpoint_continues_its_weights(tmp_path):
     assert again.evaluate() == pytest.approx(trained, abs=1e-5)
     fresh = Trainer(small_config(tmp_path / "c", steps=1, val_data=[str(VAL_TEXT)]), log=lambda _: None)
     assert fresh.evaluate() > trained + 1.0  # the checkpoint was not ignored
+    # The command: a step at lr 0 (no balancing) writes the checkpoint's weights back unchanged.
     assert main(["train", "--model", str(model_dir), "--out", str(tmp_path / "d"), *common]) == 0
-    assert (tmp_path / "d" / "model" / "model.safetensors").exists()
+    written = load_file(tmp_path / "d" / "model" / "model.safetensors")
+    original = load_file(model_dir / "model.safetensors")
+    assert written.keys() == original.keys()
+    assert all(torch.equal(written[k], original[k]) for k in original)
     with pytest.raises(SystemExit, match="not both"):
         main(["train", "--model", str(model_dir), "--preset", "debug", "--out", str(tmp_path / "e"), *common])
 

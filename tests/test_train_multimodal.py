@@ -74,14 +74,21 @@ def setup(tmp_path_factory):
 def test_tower_alone_learns_the_names_and_round_trips(setup):
     root, images, _, _ = setup
     cfg = root / "tower.toml"
+    evals = root / "eval.jsonl"  # new views: recoloured, scaled and shifted by their own seeds
+    evals.write_text(
+        "".join(
+            json.dumps({**d, "split": "views"}).replace('.png"', f'.png@aug:{1000 + i}"') + "\n"
+            for i, d in enumerate(write_images(root / "images") * 3)
+        )
+    )
     cfg.write_text(
-        f'images = ["{images}"]\nout = "{root / "tower"}"\nseed = 0\ntext_dim = 64\n'
-        "[tower_pretraining]\nsteps = 60\nbatch_size = 16\nlr = 3e-3\n" + VISION
+        f'images = ["{images}"]\neval_images = ["{evals}"]\nout = "{root / "tower"}"\nseed = 0\n'
+        "text_dim = 64\n[tower_pretraining]\nsteps = 60\nbatch_size = 16\nlr = 3e-3\n" + VISION
     )
     record = train_tower(cfg)
-    # Fresh augmented views each step (recoloured background, scaled, shifted): the batch accuracy
-    # is measured before the update, on views the tower never saw.
     assert record["step"] == 60 and record["accuracy"] >= 0.9, record
+    assert record["eval_accuracy"]["views"]["n"] == 9
+    assert record["eval_accuracy"]["views"]["accuracy"] >= 0.8, record
     vision_cfg, state = load_tower(root / "tower")
     assert vision_cfg.image_size == 16 and vision_cfg.tokens_per_tile == 4
     assert state["projector.weight"].shape == (64, 64)
@@ -102,12 +109,12 @@ def test_vision_stage_starts_from_the_tower_and_a_frozen_decoder_keeps_its_weigh
     common = (
         f'model = "{decoder_dir}"\nimages = ["{images}"]\ndata = ["{text}"]\n'
         f'cache_dir = "{root / "cache"}"\nsteps = 3\nbatch_size = 2\nseq_len = 64\nwarmup_steps = 1\n'
-        "eval_every = 0\nprogress = false\nbalance_gamma = 0.0\n"
+        "eval_every = 0\nprogress = false\n"
     )
-    # lr 0 and a frozen decoder: the written model is exactly the decoder plus the loaded tower.
+    # lr 0: the written model is exactly the decoder plus the loaded tower.
     stage.write_text(
         common
-        + f'out = "{root / "v0"}"\ntower = "{tower_dir}"\nlr = 0.0\ndecoder_lr_scale = 0.0\ntext_every = 0\n'
+        + f'out = "{root / "v0"}"\ntower = "{tower_dir}"\nlr = 0.0\ntext_every = 0\nbalance_gamma = 0.0\n'
     )
     train_vision(stage)
     out = llama4.load(root / "v0" / "model", dtype=torch.float32)
@@ -116,25 +123,48 @@ def test_vision_stage_starts_from_the_tower_and_a_frozen_decoder_keeps_its_weigh
     base = llama4.load(decoder_dir, dtype=torch.float32).state_dict()
     for k, v in base.items():
         assert torch.equal(out.state_dict()[k], v), k
-    # With a learning rate, the decoder (at decoder_lr_scale) and the tower both move.
+    # A frozen decoder (decoder_lr_scale 0) keeps every weight and its routers' balancing bias,
+    # while the tower learns.
     stage.write_text(
-        common
-        + f'out = "{root / "v1"}"\ntower = "{tower_dir}"\nlr = 1e-2\ndecoder_lr_scale = 0.1\ntext_every = 2\n'
+        common + f'out = "{root / "vf"}"\ntower = "{tower_dir}"\nlr = 1e-2\ndecoder_lr_scale = 0.0\n'
+        "text_every = 0\nbalance_gamma = 0.01\n"
+    )
+    train_vision(stage)
+    frozen = llama4.load(root / "vf" / "model", dtype=torch.float32)
+    for k, v in base.items():
+        assert torch.equal(frozen.state_dict()[k], v), k
+    assert not torch.equal(frozen.vision.state_dict()["projector.weight"], tower_state["projector.weight"])
+    # With decoder_lr_scale > 0 the decoder moves too.
+    stage.write_text(
+        common + f'out = "{root / "v1"}"\ntower = "{tower_dir}"\nlr = 1e-2\ndecoder_lr_scale = 0.1\n'
+        "text_every = 2\nbalance_gamma = 0.0\n"
     )
     record = train_vision(stage)
     assert record["step"] == 3
     moved = llama4.load(root / "v1" / "model", dtype=torch.float32)
     assert not torch.equal(moved.vision.state_dict()["projector.weight"], tower_state["projector.weight"])
     assert not torch.equal(moved.state_dict()["output.weight"], base["output.weight"])
-    # A frozen decoder has nothing to learn from text batches; a tower and a [vision] table together
-    # are ambiguous.
+    # Clear errors: a frozen decoder with text batches (nothing to learn from them), neither or both
+    # of a tower and a [vision] table, a tower made for another decoder width.
     stage.write_text(
         common + f'out = "{root / "v2"}"\ntower = "{tower_dir}"\ndecoder_lr_scale = 0.0\ntext_every = 2\n'
     )
     with pytest.raises(ValueError, match="train nothing"):
         train_vision(stage)
+    stage.write_text(common + f'out = "{root / "v3"}"\nlr = 0.0\n')
+    with pytest.raises(ValueError, match="exactly one"):
+        train_vision(stage)
+    cfg.write_text(
+        cfg.read_text()
+        .replace(f"text_dim = {dim}", f"text_dim = {2 * dim}")
+        .replace(str(tower_dir), str(root / "wide"))
+    )
+    train_tower(cfg)
+    stage.write_text(common + f'out = "{root / "v4"}"\ntower = "{root / "wide"}"\nlr = 0.0\n')
+    with pytest.raises(ValueError, match=f"projects to width {2 * dim}"):
+        train_vision(stage)
     stage.write_text(common + f'out = "{root / "v2"}"\ntower = "{tower_dir}"\nlr = 0.0\n' + VISION)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="exactly one"):
         train_vision(stage)
 
 

@@ -10,8 +10,12 @@ Writes
   chat.jsonl  chat turns cut from the same training text: a passage of 1-3 sentences as the
               user turn, the next 1-3 sentences as the assistant turn (loss on the assistant
               turn and its <|eot|>): the model learns the turn structure and when to stop.
+  text.jsonl  plain passages (4-12 consecutive sentences) of the same text, written with
+              chat.jsonl (--only chat) and mixed into the chat stage with loss on every token:
+              the model keeps its prose and learns that <|eot|> ends an assistant turn, not
+              every sentence.
   vision_train.jsonl, vision_eval.jsonl
-              image -> name dialogs ("What is this?" + image -> "grinning face"). Images are
+              image -> name dialogs ("What is this?" + image -> "dog face"). Images are
               referenced, not copied: "emoji:INDEX" (emoji64.npz) and "fashion:SPLIT:INDEX"
               (Fashion-MNIST), with an optional "@aug:SEED" augmented view
               (llama4.train.multimodal reads them). Emoji: the animals, plants and foods (248 of

@@ -20,14 +20,18 @@ a file path, or a reference into the project's image data (/work/shared/data/ima
 each optionally with ``@aug:SEED``, a deterministic augmented view (scaled, shifted, background
 recoloured). The loss is taken on the assistant turns (the chat format's training mask).
 
-Run it (the vision stage of the bundled model, see recipes/nano_vision.toml)::
+Two stages (the bundled model's recipes/nano_tower.toml and recipes/nano_vision.toml)::
 
-    python -m llama4.train.multimodal --config recipes/nano_vision.toml
+    python -m llama4.train.multimodal --tower --config recipes/nano_tower.toml   # tower alone
+    python -m llama4.train.multimodal --config recipes/nano_vision.toml          # fused
 
-The TOML is a run config (`llama4.train.config`) plus ``model`` (the text checkpoint to start
-from), ``images`` (JSONL files of image dialogs), ``text_every`` (every n-th batch is text from
-``data``), ``decoder_lr_scale`` (the decoder's learning rate as a fraction of ``lr``, which the
-fresh vision tower gets; 0 freezes the decoder) and a ``[vision]`` table of `VisionConfig` fields for the fresh vision tower.
+The tower stage (`train_tower`) trains a fresh vision tower as a classifier of the images'
+names, without the decoder. The vision stage's TOML is a run config (`llama4.train.config`) plus
+``model`` (the text checkpoint to start from), ``images`` (JSONL files of image dialogs),
+``text_every`` (every n-th batch is text from ``data``), ``decoder_lr_scale`` (the decoder's
+learning rate as a fraction of ``lr``, which the tower gets; 0 freezes the decoder), and either
+``tower`` (a folder written by the tower stage) or a ``[vision]`` table of `VisionConfig` fields
+for a fresh tower.
 
 Shapes: B rows, L seq_len, N tiles, S tile side.
 """
@@ -292,8 +296,9 @@ def pretrain_tower(
     batch_size: int,
     lr: float,
     seed: int,
+    evals: dict[str, list[list[dict[str, Any]]]] | None = None,
     log=print,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Train a fresh vision tower (and its adapter) as a classifier of the dialogs' answers.
 
     Llama 4's vision encoder is trained apart from the language model before early fusion; here
@@ -301,21 +306,19 @@ def pretrain_tower(
     output feature (dropped afterwards), on a fresh augmented view of an image 9 times in 10. An
     image costs the tower a few MFLOPs against ~1 GFLOP for a dialog through the decoder, so the
     tower sees each image hundreds of times for the price of a few decoder steps. `records`: chat
-    dialogs with one image and one assistant reply. Returns the last logged record (the accuracy
-    is on the step's batch, drawn before the update: fresh views, as good as held out).
+    dialogs with one image and one assistant reply. Returns the last logged record: loss and
+    accuracy on that step's batch (training images, most of them freshly augmented, scored
+    before the update) and, for each split of `evals` (dialogs of the same form, images used as
+    given), the head's accuracy on them ("eval_accuracy").
     """
     from llama4.image import preprocess_image
     from llama4.train.trainer import warmup_cosine
 
-    refs, answers = [], []
-    for messages in records:
-        parts = image_parts(messages)
-        replies = [m["content"] for m in messages if m["role"] == "assistant"]
-        if len(parts) == 1 and len(replies) == 1 and isinstance(replies[0], str):
-            refs.append(parts[0].partition("@aug:")[0])  # the image as drawn; views are drawn below
-            answers.append(replies[0])
-    if not refs:
+    pairs = _image_name_pairs(records)
+    if not pairs:
         raise ValueError("tower pretraining needs dialogs with one image and one assistant reply")
+    refs = [ref.partition("@aug:")[0] for ref, _ in pairs]  # the images as drawn; views drawn below
+    answers = [name for _, name in pairs]
     classes = sorted(set(answers))
     labels = torch.tensor([classes.index(a) for a in answers])
     cfg = tower.cfg
@@ -325,23 +328,26 @@ def pretrain_tower(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, steps // 20), steps, 0.1))
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     log(f"tower pretraining: {len(refs)} images, {len(classes)} names, {steps} steps of {batch_size}")
-    record: dict[str, float] = {}
-    tower.train()
-    for step in range(1, steps + 1):
-        idx = torch.randint(len(refs), (batch_size,), generator=gen).tolist()
+
+    def classify(images: list[Image.Image]) -> torch.Tensor:
         tiles, owner = [], []
-        for j, i in enumerate(idx):
-            image = load_image_ref(refs[i])
-            if rng.random() < 0.9:
-                image = augment(image, rng.randrange(1 << 30))
+        for j, image in enumerate(images):
             t = preprocess_image(image, tile_size=cfg.image_size, max_tiles=cfg.max_tiles).pixel_values
             tiles.append(t)
             owner += [j] * t.shape[0]
         feats = tower(torch.cat(tiles)).mean(1)  # (tiles, D): each tile's mean token
         owner_t = torch.tensor(owner)
-        pooled = torch.zeros(batch_size, feats.shape[1]).index_add(0, owner_t, feats)
-        pooled = pooled / torch.bincount(owner_t, minlength=batch_size)[:, None]  # (B, D) per image
-        logits = head(pooled)
+        pooled = torch.zeros(len(images), feats.shape[1]).index_add(0, owner_t, feats)
+        pooled = pooled / torch.bincount(owner_t, minlength=len(images))[:, None]  # (B, D) per image
+        return head(pooled)
+
+    record: dict[str, Any] = {}
+    tower.train()
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(refs), (batch_size,), generator=gen).tolist()
+        images = [load_image_ref(refs[i]) for i in idx]
+        images = [augment(im, rng.randrange(1 << 30)) if rng.random() < 0.9 else im for im in images]
+        logits = classify(images)
         loss = F.cross_entropy(logits, labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -352,7 +358,34 @@ def pretrain_tower(
             acc = (logits.argmax(-1) == labels[idx]).float().mean().item()
             record = {"step": step, "loss": round(loss.item(), 4), "accuracy": round(acc, 4)}
             log(json.dumps({"tower_pretraining": record}))
+    if evals:
+        tower.eval()
+        record["eval_accuracy"] = {}
+        with torch.no_grad():
+            for split, dialogs in sorted(evals.items()):
+                known = [(ref, name) for ref, name in _image_name_pairs(dialogs) if name in classes]
+                hits = 0
+                for b in range(0, len(known), 64):
+                    part = known[b : b + 64]
+                    pred = classify([load_image_ref(ref) for ref, _ in part]).argmax(-1).tolist()
+                    hits += sum(classes[p] == name for p, (_, name) in zip(pred, part))
+                record["eval_accuracy"][split] = {
+                    "accuracy": round(hits / max(1, len(known)), 4),
+                    "n": len(known),
+                }
+        log(json.dumps({"tower_pretraining": record}))
     return record
+
+
+def _image_name_pairs(records: list[list[dict[str, Any]]]) -> list[tuple[str, str]]:
+    """(image reference, answer) of the dialogs with one image and one assistant reply (a string)."""
+    pairs = []
+    for messages in records:
+        parts = image_parts(messages)
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        if len(parts) == 1 and len(replies) == 1 and isinstance(replies[0], str):
+            pairs.append((parts[0], replies[0]))
+    return pairs
 
 
 # -- command -------------------------------------------------------------------------------------------
@@ -391,6 +424,7 @@ def scale_decoder_lr(trainer, scale: float) -> None:
     if scale == 0.0:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("vision."))
+        trainer.balancer.gamma = 0.0  # the routers' balancing bias is decoder state too
     groups = []
     for g in param_groups(model, cfg.weight_decay):
         vision = [p for p in g["params"] if any(p is q for q in model.vision.parameters())]
@@ -409,9 +443,11 @@ def train_tower(config: str | Path, out: str | None = None, steps: int | None = 
     """The tower stage: pretrain a fresh vision tower alone (`pretrain_tower`), write it to OUT.
 
     TOML keys: ``images`` (JSONL image dialogs), ``out``, ``seed``, ``text_dim`` (the decoder
-    width the projector maps to), a ``[vision]`` table (VisionConfig) and ``[tower_pretraining]``
-    (``steps``, ``batch_size``, ``lr``). Writes OUT/tower.safetensors, OUT/vision_config.json and
-    OUT/metrics.json; the vision stage starts from it with ``tower = "OUT"``.
+    width the projector maps to), a ``[vision]`` table (VisionConfig), ``[tower_pretraining]``
+    (``steps``, ``batch_size``, ``lr``) and optionally ``eval_images`` (JSONL dialogs with a
+    "split" field, scored per split at the end). Writes OUT/tower.safetensors,
+    OUT/vision_config.json (with ``text_dim``) and OUT/metrics.json; the vision stage starts from
+    it with ``tower = "OUT"``.
     """
     import dataclasses
     import time
@@ -424,27 +460,40 @@ def train_tower(config: str | Path, out: str | None = None, steps: int | None = 
 
     with open(config, "rb") as f:
         raw = tomllib.load(f)
-    unknown = set(raw) - {"images", "out", "seed", "text_dim", "vision", "tower_pretraining"}
-    if unknown:
-        raise ValueError(f"{config}: unknown keys {sorted(unknown)} for the tower stage")
+    unknown = set(raw) - {"images", "eval_images", "out", "seed", "text_dim", "vision", "tower_pretraining"}
+    missing = {"images", "out", "text_dim", "vision", "tower_pretraining"} - set(raw)
+    if unknown or missing:
+        raise ValueError(
+            f"{config}: the tower stage takes no keys {sorted(unknown)} and needs {sorted(missing)}"
+        )
     seed, tp, vision_cfg = raw.get("seed", 0), dict(raw["tower_pretraining"]), VisionConfig(**raw["vision"])
+    if set(tp) != {"steps", "batch_size", "lr"}:
+        raise ValueError(
+            f"{config}: [tower_pretraining] needs exactly steps, batch_size and lr, got {sorted(tp)}"
+        )
     if steps is not None:
         tp["steps"] = steps
     torch.manual_seed(seed)
     tower = VisionTower(vision_cfg, raw["text_dim"])
-    records = []
-    for f in raw["images"]:
-        records += [json.loads(line)["messages"] for line in Path(f).read_text().splitlines() if line.strip()]
+    records = [r["messages"] for r in _read_jsonl(raw["images"])]
+    evals: dict[str, list] = {}
+    for r in _read_jsonl(raw.get("eval_images", [])):
+        evals.setdefault(r.get("split", "eval"), []).append(r["messages"])
     t0 = time.perf_counter()
-    record = pretrain_tower(tower, records, seed=seed, **tp)
+    record = pretrain_tower(tower, records, seed=seed, evals=evals, **tp)
     record["elapsed_s"] = round(time.perf_counter() - t0, 1)
     dst = Path(out or raw["out"])
     dst.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, dst / "tower.safetensors")
-    fields = [f.name for f in dataclasses.fields(vision_cfg) if f.init]
-    (dst / "vision_config.json").write_text(json.dumps({k: getattr(vision_cfg, k) for k in fields}, indent=1))
-    (dst / "metrics.json").write_text(json.dumps({**record, "text_dim": raw["text_dim"]}) + "\n")
+    fields = {f.name: getattr(vision_cfg, f.name) for f in dataclasses.fields(vision_cfg) if f.init}
+    (dst / "vision_config.json").write_text(json.dumps({**fields, "text_dim": raw["text_dim"]}, indent=1))
+    (dst / "metrics.json").write_text(json.dumps(record) + "\n")
     return record
+
+
+def _read_jsonl(files: str | list[str]) -> list[dict[str, Any]]:
+    files = [files] if isinstance(files, str) else files
+    return [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()]
 
 
 def load_tower(path: str | Path):
@@ -457,9 +506,9 @@ def load_tower(path: str | Path):
 
     path = Path(path)
     saved = json.loads((path / "vision_config.json").read_text())
+    state = load_file(path / "tower.safetensors")
     fields = {f.name for f in dataclasses.fields(VisionConfig) if f.init}  # not the derived ones
-    cfg = VisionConfig(**{k: v for k, v in saved.items() if k in fields})
-    return cfg, load_file(path / "tower.safetensors")
+    return VisionConfig(**{k: v for k, v in saved.items() if k in fields}), state
 
 
 def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
@@ -473,7 +522,12 @@ def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
     cfg = TrainConfig(**values)
     if ("tower" in own) == ("vision" in own):
         raise ValueError(
-            f"{config}: give `tower` (a pretrained tower's folder) or a [vision] table, not both"
+            f"{config}: give exactly one of `tower` (a pretrained tower's folder) and a [vision] table"
+        )
+    scale = float(own.get("decoder_lr_scale", 1.0))
+    if scale == 0.0 and int(own.get("text_every", 0)) > 0:
+        raise ValueError(
+            f"{config}: decoder_lr_scale = 0 freezes the decoder, so text batches (text_every) train nothing"
         )
     vision_cfg, tower_state = (
         load_tower(own["tower"]) if "tower" in own else (VisionConfig(**own["vision"]), None)
@@ -484,17 +538,17 @@ def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
     patch_id = load_tokenizer(tokenizer_path_for(cfg, cfg.model)).special_tokens["<|patch|>"]
     model = add_vision_tower(cfg.model, vision_cfg, patch_id, cfg.seed)
     if tower_state is not None:
+        width, dim = tower_state["projector.weight"].shape[0], model.config.text.dim
+        if width != dim:
+            raise ValueError(
+                f"the tower in {own['tower']} projects to width {width}; {cfg.model} is {dim} wide"
+            )
         model.vision.load_state_dict(tower_state)
     trainer = Trainer(cfg, model=model, sft=True)  # data: chat JSONL (text) for the mix
     dialogs = ImageDialogs(own["images"], trainer.tokenizer, vision_cfg)
     images = ImageTextStream(dialogs, cfg.batch_size, cfg.seq_len, trainer.tokenizer.eos_id, cfg.seed)
     trainer.data.train = MixedStream(images, trainer.data.train, int(own.get("text_every", 0)))
     trainer.objective = ImageTextObjective(images.pixels)
-    scale = float(own.get("decoder_lr_scale", 1.0))
-    if scale == 0.0 and int(own.get("text_every", 0)) > 0:
-        raise ValueError(
-            f"{config}: decoder_lr_scale = 0 freezes the decoder, so text batches (text_every) train nothing"
-        )
     scale_decoder_lr(trainer, scale)
     trainer.log(
         f"vision stage: {len(dialogs)} image dialogs, tiles {vision_cfg.image_size}px, "
@@ -505,9 +559,11 @@ def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description="Train a text checkpoint's vision tower and decoder on image dialogs."
+        description="The vision stages: a tower alone (--tower), or a tower fused into a text checkpoint."
     )
-    p.add_argument("--config", required=True, help="TOML: run config + model, images, text_every, [vision]")
+    p.add_argument(
+        "--config", required=True, help="TOML: run config + model, images, text_every, tower or [vision]"
+    )
     p.add_argument("--tower", action="store_true", help="the tower stage: pretrain a vision tower alone")
     p.add_argument("--steps", type=int)
     p.add_argument("--out")
