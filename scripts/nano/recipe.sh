@@ -8,9 +8,10 @@
 # stage goes to runs/nano/times.txt.
 #
 # Measured for the shipped model (2 CPU cores, other work on the machine at times): data 26 s,
-# tokenizer 95 s, pretraining 98 min (MoE and dense baseline at once, one thread each;
-# 1600 steps x 4096 tokens = 6.55M tokens each), chat 341 s, vision 1256 s (beside the
-# 100-step first_run, 401 s), ship a few seconds: about 2 hours. The evaluations after it take a few minutes.
+# tokenizer 95 s, pretraining 98 min and 52 min more (MoE and dense baseline at once, one
+# thread each; 1600 + 1200 steps x 4096 tokens = 11.5M tokens each), tower 27 min (run beside
+# the second pretraining stage), chat 542 s, vision 1314 s (both beside the dense run, one
+# thread), ship a few seconds: about 3.5 hours. The evaluations after it take a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=runs/nano
