@@ -80,38 +80,37 @@ def sentences(text: str) -> list[str]:
     ]
 
 
-def write_chat(out: Path, n: int, seed: int) -> None:
+def sentence_runs(seed: int, sizes: tuple[tuple[int, int], ...]):
+    """Endless lists of runs of consecutive sentences, one run per (min, max) length in `sizes`,
+    back to back in a training text picked Austen-heavy, like the pretraining mixture."""
     rng = random.Random(seed)
     pools = {p.name: sentences(p.read_text(encoding="utf-8", errors="replace")) for p in training_texts()}
     names = sorted(pools)
-    # Austen-heavy like the pretraining mixture.
     weights = [AUSTEN_REPEATS if name.startswith("austen_") else 1 for name in names]
+    while True:
+        pool = pools[rng.choices(names, weights)[0]]
+        ks = [rng.randint(lo, hi) for lo, hi in sizes]
+        i = rng.randrange(0, len(pool) - sum(ks))
+        runs = []
+        for k in ks:
+            runs.append(" ".join(pool[i : i + k]))
+            i += k
+        yield runs
+
+
+def write_chat(out: Path, n: int, seed: int) -> None:
+    runs = sentence_runs(seed, ((1, 3), (1, 3)))  # user turn, assistant turn
     with open(out / "chat.jsonl", "w") as f:
         for _ in range(n):
-            pool = pools[rng.choices(names, weights)[0]]
-            k_user, k_reply = rng.randint(1, 3), rng.randint(1, 3)
-            i = rng.randrange(0, len(pool) - k_user - k_reply)
-            user = " ".join(pool[i : i + k_user])
-            reply = " ".join(pool[i + k_user : i + k_user + k_reply])
-            f.write(
-                json.dumps(
-                    {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
-                )
-                + "\n"
-            )
+            user, reply = next(runs)
+            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+            f.write(json.dumps({"messages": messages}) + "\n")
 
 
 def write_text(out: Path, n: int, seed: int) -> None:
-    rng = random.Random(seed + 1)
-    pools = {p.name: sentences(p.read_text(encoding="utf-8", errors="replace")) for p in training_texts()}
-    names = sorted(pools)
-    weights = [AUSTEN_REPEATS if name.startswith("austen_") else 1 for name in names]
+    runs = sentence_runs(seed + 1, ((4, 12),))
     with open(out / "text.jsonl", "w") as f:
-        for _ in range(n):
-            pool = pools[rng.choices(names, weights)[0]]
-            k = rng.randint(4, 12)
-            i = rng.randrange(0, len(pool) - k)
-            f.write(json.dumps({"text": " ".join(pool[i : i + k])}) + "\n")
+        f.writelines(json.dumps({"text": next(runs)[0]}) + "\n" for _ in range(n))
 
 
 def _dialog(image_ref: str, answer: str, question: str) -> dict:
