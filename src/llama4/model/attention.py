@@ -122,15 +122,13 @@ class Attention(nn.Module):
             qk = apply_rope(qk, *rope)
             if self.use_qk_norm:  # after RoPE, as in the reference
                 qk = rms_norm(qk, self.norm_eps)
-            q, k = qk.split((H, K), dim=2)
-        else:
-            q, k = qk.split((H, K), dim=2)
-            if self.temperature_tuning:
-                # Scalable-softmax-like query scaling; exactly 1 below floor_scale - 1 positions.
-                scale = 1.0 + self.attn_scale * torch.log1p(
-                    torch.floor((positions.float() + 1.0) / self.floor_scale)
-                )
-                q = (q * scale[:, :, None, None]).to(q.dtype)
+        q, k = qk.split((H, K), dim=2)
+        if self.temperature_tuning:  # global layers only
+            # Scalable-softmax-like query scaling; exactly 1 below floor_scale - 1 positions.
+            scale = 1.0 + self.attn_scale * torch.log1p(
+                torch.floor((positions.float() + 1.0) / self.floor_scale)
+            )
+            q = (q * scale[:, :, None, None]).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, Dh)
         if cache is not None:
             k, v, mask = cache.update(self.layer_id, k, v)

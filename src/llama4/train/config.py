@@ -25,9 +25,7 @@ DEFAULT_CACHE_DIR = str(Path.home() / ".cache" / "llama4" / "tokens")
 class TrainConfig:
     # -- model -----------------------------------------------------------------------------------
     preset: str | None = None  # named preset for a freshly initialised model (train, distill student)
-    model: str | None = (
-        None  # checkpoint directory to start from (finetune; train: more pretraining; distill student)
-    )
+    model: str | None = None  # checkpoint to start from (finetune, more pretraining, distill student)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # TOML [model]: text-config fields
     tokenizer: str | None = None  # tokenizer file; default: the checkpoint's, else Llama 4's own
     # -- data ------------------------------------------------------------------------------------

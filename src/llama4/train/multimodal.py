@@ -119,17 +119,20 @@ def image_parts(messages: list[dict[str, Any]]) -> list[str]:
 # -- examples and packing ----------------------------------------------------------------------------
 
 
+def read_jsonl(files: str | Path | list[str | Path]) -> list[dict[str, Any]]:
+    """The records of one or more JSONL files, in order (blank lines skipped)."""
+    files = [files] if isinstance(files, (str, Path)) else files
+    lines = (line for f in files for line in Path(f).read_text(encoding="utf-8").splitlines())
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 class ImageDialogs:
     """JSONL image dialogs -> (ids, loss mask, pixel tiles (N, 3, S, S)) per record."""
 
     def __init__(self, files: list[str | Path], tokenizer, vision_cfg) -> None:
         from llama4.chat import ChatFormat
 
-        self.records = []
-        for f in files:
-            for line in Path(f).read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    self.records.append(json.loads(line)["messages"])
+        self.records = [r["messages"] for r in read_jsonl(files)]
         self.chat = ChatFormat(tokenizer)
         self.vision = vision_cfg
 
@@ -446,8 +449,8 @@ def train_tower(config: str | Path, out: str | None = None, steps: int | None = 
     width the projector maps to), a ``[vision]`` table (VisionConfig), ``[tower_pretraining]``
     (``steps``, ``batch_size``, ``lr``) and optionally ``eval_images`` (JSONL dialogs with a
     "split" field, scored per split at the end). Writes OUT/tower.safetensors,
-    OUT/vision_config.json (with ``text_dim``) and OUT/metrics.json; the vision stage starts from
-    it with ``tower = "OUT"``.
+    OUT/vision_config.json and OUT/metrics.json; the vision stage starts from it with
+    ``tower = "OUT"`` (and checks the projector's width against its decoder).
     """
     import dataclasses
     import time
@@ -475,9 +478,9 @@ def train_tower(config: str | Path, out: str | None = None, steps: int | None = 
         tp["steps"] = steps
     torch.manual_seed(seed)
     tower = VisionTower(vision_cfg, raw["text_dim"])
-    records = [r["messages"] for r in _read_jsonl(raw["images"])]
+    records = [r["messages"] for r in read_jsonl(raw["images"])]
     evals: dict[str, list] = {}
-    for r in _read_jsonl(raw.get("eval_images", [])):
+    for r in read_jsonl(raw.get("eval_images", [])):
         evals.setdefault(r.get("split", "eval"), []).append(r["messages"])
     t0 = time.perf_counter()
     record = pretrain_tower(tower, records, seed=seed, evals=evals, **tp)
@@ -486,14 +489,9 @@ def train_tower(config: str | Path, out: str | None = None, steps: int | None = 
     dst.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, dst / "tower.safetensors")
     fields = {f.name: getattr(vision_cfg, f.name) for f in dataclasses.fields(vision_cfg) if f.init}
-    (dst / "vision_config.json").write_text(json.dumps({**fields, "text_dim": raw["text_dim"]}, indent=1))
+    (dst / "vision_config.json").write_text(json.dumps(fields, indent=1))
     (dst / "metrics.json").write_text(json.dumps(record) + "\n")
     return record
-
-
-def _read_jsonl(files: str | list[str]) -> list[dict[str, Any]]:
-    files = [files] if isinstance(files, str) else files
-    return [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()]
 
 
 def load_tower(path: str | Path):
