@@ -21,7 +21,7 @@ from llama4.eval import evaluate_text
 DATA = Path(__file__).parent / "data"
 # Measured on tests/data/nano_persuasion_4k.txt (from austen_persuasion.txt, never trained on)
 # when the model shipped, plus a margin; a uniform guess over the vocabulary is ~3.6 bits/byte.
-BPB_MEASURED = 1.698  # bf16 weights as shipped, evaluated in float32
+BPB_MEASURED = 1.454  # bf16 weights as shipped, evaluated in float32
 BPB_BOUND = BPB_MEASURED + 0.05
 
 
@@ -58,7 +58,8 @@ def test_bundled_generates_english_words(bundled):
 
 def test_bundled_chat_turn_ends_with_eot(bundled):
     """With `llama4 chat`'s default sampling (temperature 0.6, top-p 0.9) every reply ends its turn
-    (measured: 16 of 16 sampled replies within 110 tokens).
+    (measured when it shipped: 37 of 40 sampled
+    replies to ten user turns ended within 256 tokens, all 4 to this one).
 
     (Greedy decoding of a model this small falls into loops such as ", and the first, and the
     first"; sampling is what the chat command does.)

@@ -143,6 +143,23 @@ def test_sft_loss_mask_covers_only_assistant_tokens(tmp_path):
     assert "Question" not in text and "terse" not in text and "Thanks" not in text and "user" not in text
 
 
+def test_sft_data_takes_plain_text_files_with_loss_on_every_token(tmp_path):
+    tok = load_tokenizer(TOKENIZER)
+    chat = tmp_path / "chat.jsonl"
+    dialog = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Good day."}]
+    chat.write_text(json.dumps({"messages": dialog}) + "\n")
+    prose = tmp_path / "prose.txt"
+    prose.write_text("It was a fine morning, and the rain had stopped.")
+    store = build_store([chat, prose], tok, "t", tmp_path / "cache", sft=True, log=lambda _: None)
+    from llama4.chat import ChatFormat
+
+    chat_ids, chat_mask = ChatFormat(tok).encode_dialog_for_training(dialog)
+    prose_ids = tok.encode(prose.read_text(), bos=True, eos=True)
+    assert store.tokens.tolist() == list(chat_ids) + prose_ids
+    assert store.mask.tolist() == [int(bool(m)) for m in chat_mask] + [1] * len(prose_ids)
+    assert 0 in store.mask.tolist()[: len(chat_ids)]  # the user turn carries no loss
+
+
 def test_run_config_file_and_flags(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('preset = "debug"\nsteps = 7\nlr = 0.01\ndata = "x.txt"\n[model]\nn_layers = 2\n')

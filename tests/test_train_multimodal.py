@@ -7,6 +7,7 @@ shared data. The decoder is a `debug`-preset model trained two steps with the 51
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,14 @@ from PIL import Image, ImageDraw
 from test_train import TOKENIZER, small_config
 
 import llama4
-from llama4.train.multimodal import ImageDialogs, ImageTextStream, load_tower, train_tower, train_vision
+from llama4.train.multimodal import (
+    ImageDialogs,
+    ImageTextStream,
+    MixedStream,
+    load_tower,
+    train_tower,
+    train_vision,
+)
 from llama4.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,7 +160,7 @@ def test_vision_stage_starts_from_the_tower_and_a_frozen_decoder_keeps_its_weigh
     with pytest.raises(ValueError, match="train nothing"):
         train_vision(stage)
     stage.write_text(common + f'out = "{root / "v3"}"\nlr = 0.0\n')
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="has no vision tower"):
         train_vision(stage)
     cfg.write_text(
         cfg.read_text()
@@ -164,8 +172,53 @@ def test_vision_stage_starts_from_the_tower_and_a_frozen_decoder_keeps_its_weigh
     with pytest.raises(ValueError, match=f"projects to width {2 * dim}"):
         train_vision(stage)
     stage.write_text(common + f'out = "{root / "v2"}"\ntower = "{tower_dir}"\nlr = 0.0\n' + VISION)
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="give one of `tower`"):
         train_vision(stage)
+    # A fused checkpoint trained further (neither a tower nor a [vision] table): lr 0 writes it
+    # back unchanged, tower included; a rate moves both parts.
+    fused = root / "v1" / "model"
+    common = common.replace(str(decoder_dir), str(fused))
+    stage.write_text(common + f'out = "{root / "a0"}"\nlr = 0.0\ntext_fraction = 0.5\nbalance_gamma = 0.0\n')
+    train_vision(stage)
+    again = llama4.load(root / "a0" / "model", dtype=torch.float32).state_dict()
+    for k, v in moved.state_dict().items():
+        assert torch.equal(again[k], v), k
+    stage.write_text(common + f'out = "{root / "a1"}"\nlr = 1e-2\ntext_fraction = 0.75\n')
+    record = train_vision(stage)
+    assert record["step"] == 3
+    annealed = llama4.load(root / "a1" / "model", dtype=torch.float32).state_dict()
+    for k in ("vision.projector.weight", "output.weight"):
+        assert not torch.equal(annealed[k], again[k]), k
+    stage.write_text(common + f'out = "{root / "a2"}"\ntext_fraction = 0.5\ntext_every = 2\n')
+    with pytest.raises(ValueError, match="one of text_every and text_fraction"):
+        train_vision(stage)
+    stage.write_text(common + f'out = "{root / "a2"}"\ntext_fraction = 1.5\n')
+    with pytest.raises(ValueError, match=r"text_fraction must be in \[0, 1\]"):
+        train_vision(stage)
+
+
+class _Counter:
+    """A stream that says which stream a batch came from."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.pixels = name, []
+
+    def next(self) -> str:
+        return self.name
+
+
+@pytest.mark.parametrize("fraction", ["0", "1/3", "1/2", "3/4", "2/7", "1"])
+def test_mixed_stream_spreads_text_batches_evenly(fraction):
+    stream = MixedStream(_Counter("image"), _Counter("text"), Fraction(fraction))
+    kinds = [stream.next() for _ in range(84)]
+    f = Fraction(fraction)
+    assert kinds.count("text") == 84 * f
+    for start in range(0, 84, f.denominator):  # every run of one denominator holds the numerator
+        assert kinds[start : start + f.denominator].count("text") == f.numerator
+    if f.numerator == 1:  # 1/n is every n-th batch (text_every = n), the n-th first
+        assert [i + 1 for i, k in enumerate(kinds) if k == "text"] == list(
+            range(f.denominator, 85, f.denominator)
+        )
 
 
 def test_packed_rows_queue_one_tile_per_patch_group(setup):

@@ -4,14 +4,16 @@
 # Stages: data -> tokenizer -> text pretraining (MoE, plus the dense baseline of equal active
 # parameters, the two run concurrently with one thread each) -> more pretraining of both (a
 # re-warmed schedule from their weights) -> vision tower alone -> chat SFT (with plain text) ->
-# vision (the tower fused into the chat model) -> ship (bf16) -> checks. Wall time of each
-# stage goes to runs/nano/times.txt.
+# vision (the tower fused into the chat model) -> anneal (text, chat and images at once, the
+# rate decaying to almost nothing; at two peak rates side by side, then their mean) -> ship
+# (bf16) -> checks. Wall time of each stage goes to runs/nano/times.txt.
 #
 # Measured for the shipped model (2 CPU cores, other work on the machine at times): data 26 s,
 # tokenizer 95 s, pretraining 98 min and 52 min more (MoE and dense baseline at once, one
 # thread each; 1600 + 1200 steps x 4096 tokens = 11.5M tokens each), tower 27 min (run beside
 # the second pretraining stage), chat 542 s, vision 1314 s (both beside the dense run, one
-# thread), ship a few seconds: about 3.5 hours. The evaluations after it take a few minutes.
+# thread), anneal 50 min (its two runs at once, one thread each: 1500 steps, 6.1M tokens each),
+# ship a few seconds: about 4.3 hours. The evaluations after it take a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=runs/nano
@@ -43,7 +45,17 @@ stage pretrain_more pretrain_more
 OMP_NUM_THREADS=2 stage tower python -m llama4.train.multimodal --tower --config recipes/nano_tower.toml
 OMP_NUM_THREADS=2 stage chat llama4 finetune --config recipes/nano_chat.toml
 OMP_NUM_THREADS=2 stage vision python -m llama4.train.multimodal --config recipes/nano_vision.toml
-stage ship python scripts/nano/ship.py $R/vision/model src/llama4/assets/nano
+anneal() {  # the same stage at two peak rates, side by side (one thread each), then their mean
+  python -m llama4.train.multimodal --config recipes/nano_anneal.toml > $R/anneal.log 2>&1 &
+  local high=$!
+  python -m llama4.train.multimodal --config recipes/nano_anneal.toml --lr 4e-4 --out $R/anneal_low \
+    > $R/anneal_low.log 2>&1 &
+  local low=$!
+  wait $high && wait $low
+  python scripts/nano/soup.py $R/final $R/anneal/model $R/anneal_low/model
+}
+stage anneal anneal
+stage ship python scripts/nano/ship.py $R/final src/llama4/assets/nano
 
 # The first checkpoint of pretraining (the run keeps only its last 3 checkpoints): its first 100
 # steps are the warmup, the same whatever the total, so a 100-step run reproduces them.
@@ -51,7 +63,7 @@ stage first_run llama4 train --config recipes/nano.toml --steps 100 --out $R/fir
 
 # Validation bits per byte (austen_persuasion.txt, never trained on) and the checks.
 for m in first_run/model pretrain/model pretrain_dense/model pretrain_more/model pretrain_dense_more/model \
-  chat/model vision/model; do
+  chat/model vision/model anneal/model anneal_low/model final; do
   echo "$m $(llama4 eval --model $R/$m --text /work/shared/data/text/austen_persuasion.txt --json)" | tee -a $R/bpb.txt
 done
 stage checks python scripts/nano/evaluate.py src/llama4/assets/nano --images $R/data/vision_eval.jsonl \

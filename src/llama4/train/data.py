@@ -8,7 +8,8 @@ second run with the same inputs maps the file instead of tokenising again.
 
 Fine-tuning JSONL holds `{"text": ...}` (loss on every token) or `{"messages": [...]}` in
 OpenAI chat form (loss only on the assistant turns, from the chat format's training mask);
-its tokens are cached the same way with a uint8 loss mask beside them.
+plain text files may be mixed in (each one document, loss on every token). Their tokens are
+cached the same way with a uint8 loss mask beside them.
 
 The token stream is cut into fixed windows of seq_len + 1 tokens (inputs and shifted targets;
 consecutive windows share one token). Documents are packed back to back: attention is not
@@ -116,9 +117,14 @@ def _text_documents(files: list[Path]) -> Iterator[str]:
 
 
 def _sft_examples(files: list[Path], tokenizer) -> Iterator[tuple[list[int], list[int]]]:
-    """(ids, loss mask) per JSONL record; chat records are masked to the assistant turns."""
+    """(ids, loss mask) per JSONL record (chat records are masked to the assistant turns), and
+    per plain text file (one document, loss on every token, as in pretraining)."""
     chat = None
     for f in files:
+        if f.suffix != ".jsonl":
+            ids = tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"), bos=True, eos=True)
+            yield ids, [1] * len(ids)
+            continue
         for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue

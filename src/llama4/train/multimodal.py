@@ -28,10 +28,12 @@ Two stages (the bundled model's recipes/nano_tower.toml and recipes/nano_vision.
 The tower stage (`train_tower`) trains a fresh vision tower as a classifier of the images'
 names, without the decoder. The vision stage's TOML is a run config (`llama4.train.config`) plus
 ``model`` (the text checkpoint to start from), ``images`` (JSONL files of image dialogs),
-``text_every`` (every n-th batch is text from ``data``), ``decoder_lr_scale`` (the decoder's
-learning rate as a fraction of ``lr``, which the tower gets; 0 freezes the decoder), and either
-``tower`` (a folder written by the tower stage) or a ``[vision]`` table of `VisionConfig` fields
-for a fresh tower.
+``text_every`` (every n-th batch is text from ``data``) or ``text_fraction`` (that fraction of
+the batches, e.g. 0.75), ``decoder_lr_scale`` (the decoder's learning rate as a fraction of
+``lr``, which the tower gets; 0 freezes the decoder), and either ``tower`` (a folder written by
+the tower stage) or a ``[vision]`` table of `VisionConfig` fields for a fresh tower; with
+neither, ``model`` must already have a tower (a fused checkpoint trained further, as the
+bundled model's last stage, recipes/nano_anneal.toml, does).
 
 Shapes: B rows, L seq_len, N tiles, S tile side.
 """
@@ -43,7 +45,9 @@ import collections
 import functools
 import gzip
 import json
+import math
 import random
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -228,15 +232,20 @@ class ImageTextStream:
 
 
 class MixedStream:
-    """Image batches, with every `text_every`-th batch taken from a text stream instead."""
+    """Image batches, with a `fraction` of the batches taken from a text stream instead.
 
-    def __init__(self, images: ImageTextStream, text, text_every: int) -> None:
-        self.images, self.text, self.text_every = images, text, text_every
+    Batch k (1-based) is text when floor(k * fraction) > floor((k - 1) * fraction): evenly
+    spread, exact (a Fraction), and for fraction 1/n every n-th batch.
+    """
+
+    def __init__(self, images: ImageTextStream, text, fraction: Fraction) -> None:
+        self.images, self.text, self.fraction = images, text, Fraction(fraction)
         self.count = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.count += 1
-        if self.text_every > 0 and self.count % self.text_every == 0:
+        k, f = self.count, self.fraction
+        if math.floor(k * f) > math.floor((k - 1) * f):
             self.images.pixels.append(None)
             return self.text.next()
         return self.images.next()
@@ -402,7 +411,7 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     with open(path, "rb") as f:
         raw = tomllib.load(f)
-    own_keys = ("images", "text_every", "decoder_lr_scale", "vision", "tower")
+    own_keys = ("images", "text_every", "text_fraction", "decoder_lr_scale", "vision", "tower")
     own = {k: raw.pop(k) for k in own_keys if k in raw}
     values: dict[str, Any] = {}
     for key, value in raw.items():
@@ -509,6 +518,21 @@ def load_tower(path: str | Path):
     return VisionConfig(**{k: v for k, v in saved.items() if k in fields}), state
 
 
+def text_fraction(own: dict[str, Any], config: str | Path) -> Fraction:
+    """The share of text batches: `text_fraction` (a number in [0, 1]) or 1 / `text_every`."""
+    if "text_every" in own and "text_fraction" in own:
+        raise ValueError(f"{config}: give one of text_every and text_fraction")
+    if "text_fraction" in own:
+        fraction = Fraction(str(own["text_fraction"]))
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"{config}: text_fraction must be in [0, 1], got {own['text_fraction']}")
+        return fraction
+    every = int(own.get("text_every", 0))
+    if every < 0:
+        raise ValueError(f"{config}: text_every must be >= 0, got {every}")
+    return Fraction(1, every) if every else Fraction(0)
+
+
 def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
     """Run the vision stage described by a TOML file; returns the Trainer's last metrics record."""
     from llama4.config import VisionConfig
@@ -518,23 +542,33 @@ def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
     values, own = read_config(config)
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**values)
-    if ("tower" in own) == ("vision" in own):
-        raise ValueError(
-            f"{config}: give exactly one of `tower` (a pretrained tower's folder) and a [vision] table"
-        )
+    if "tower" in own and "vision" in own:
+        raise ValueError(f"{config}: give one of `tower` (a pretrained tower's folder) and a [vision] table")
+    fraction = text_fraction(own, config)
     scale = float(own.get("decoder_lr_scale", 1.0))
-    if scale == 0.0 and int(own.get("text_every", 0)) > 0:
+    if scale == 0.0 and fraction > 0:
         raise ValueError(
-            f"{config}: decoder_lr_scale = 0 freezes the decoder, so text batches (text_every) train nothing"
+            f"{config}: decoder_lr_scale = 0 freezes the decoder, so text batches (text_every, text_fraction) train nothing"
         )
-    vision_cfg, tower_state = (
-        load_tower(own["tower"]) if "tower" in own else (VisionConfig(**own["vision"]), None)
-    )
-    from llama4.train.data import load_tokenizer
-    from llama4.train.trainer import tokenizer_path_for
+    if "tower" in own or "vision" in own:
+        vision_cfg, tower_state = (
+            load_tower(own["tower"]) if "tower" in own else (VisionConfig(**own["vision"]), None)
+        )
+        from llama4.train.data import load_tokenizer
+        from llama4.train.trainer import tokenizer_path_for
 
-    patch_id = load_tokenizer(tokenizer_path_for(cfg, cfg.model)).special_tokens["<|patch|>"]
-    model = add_vision_tower(cfg.model, vision_cfg, patch_id, cfg.seed)
+        patch_id = load_tokenizer(tokenizer_path_for(cfg, cfg.model)).special_tokens["<|patch|>"]
+        model = add_vision_tower(cfg.model, vision_cfg, patch_id, cfg.seed)
+    else:  # a fused checkpoint, trained further
+        import llama4
+
+        model, tower_state = llama4.load(cfg.model, dtype=torch.float32).train(), None
+        if model.vision is None:
+            raise ValueError(
+                f"{config}: {cfg.model} has no vision tower; give `tower` (a pretrained tower's "
+                "folder) or a [vision] table for a fresh one"
+            )
+        vision_cfg = model.config.vision
     if tower_state is not None:
         width, dim = tower_state["projector.weight"].shape[0], model.config.text.dim
         if width != dim:
@@ -545,12 +579,12 @@ def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
     trainer = Trainer(cfg, model=model, sft=True)  # data: chat JSONL (text) for the mix
     dialogs = ImageDialogs(own["images"], trainer.tokenizer, vision_cfg)
     images = ImageTextStream(dialogs, cfg.batch_size, cfg.seq_len, trainer.tokenizer.eos_id, cfg.seed)
-    trainer.data.train = MixedStream(images, trainer.data.train, int(own.get("text_every", 0)))
+    trainer.data.train = MixedStream(images, trainer.data.train, fraction)
     trainer.objective = ImageTextObjective(images.pixels)
     scale_decoder_lr(trainer, scale)
     trainer.log(
         f"vision stage: {len(dialogs)} image dialogs, tiles {vision_cfg.image_size}px, "
-        f"{vision_cfg.tokens_per_tile} tokens per tile, one batch in {own.get('text_every', 0)} is text"
+        f"{vision_cfg.tokens_per_tile} tokens per tile, {fraction} of the batches text"
     )
     return trainer.fit()
 
@@ -566,11 +600,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int)
     p.add_argument("--out")
     p.add_argument("--model")
+    p.add_argument("--lr", type=float, help="peak learning rate (the vision stage; default: the config's)")
     args = p.parse_args(argv)
     if args.tower:
         print(json.dumps(train_tower(args.config, out=args.out, steps=args.steps)))
         return 0
-    print(json.dumps(train_vision(args.config, steps=args.steps, out=args.out, model=args.model)))
+    print(json.dumps(train_vision(args.config, steps=args.steps, out=args.out, model=args.model, lr=args.lr)))
     return 0
 
 
