@@ -57,9 +57,9 @@ def test_bundled_generates_english_words(bundled):
 
 
 def test_bundled_chat_turn_ends_with_eot(bundled):
-    """With `llama4 chat`'s default sampling (temperature 0.6, top-p 0.9) every reply ends its turn
-    (measured when it shipped: 37 of 40 sampled
-    replies to ten user turns ended within 256 tokens, all 4 to this one).
+    """With `llama4 chat`'s default sampling (temperature 0.6, top-p 0.9) the replies to this turn
+    end it (measured when it shipped: 37 of 40 sampled replies to ten user turns ended within
+    256 tokens, all 4 to this one).
 
     (Greedy decoding of a model this small falls into loops such as ", and the first, and the
     first"; sampling is what the chat command does.)

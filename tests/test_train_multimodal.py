@@ -21,6 +21,7 @@ from llama4.train.multimodal import (
     ImageTextStream,
     MixedStream,
     load_tower,
+    text_fraction,
     train_tower,
     train_vision,
 )
@@ -193,7 +194,7 @@ def test_vision_stage_starts_from_the_tower_and_a_frozen_decoder_keeps_its_weigh
     with pytest.raises(ValueError, match="one of text_every and text_fraction"):
         train_vision(stage)
     stage.write_text(common + f'out = "{root / "a2"}"\ntext_fraction = 1.5\n')
-    with pytest.raises(ValueError, match=r"text_fraction must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"text_fraction must be a number in \[0, 1\]"):
         train_vision(stage)
 
 
@@ -251,3 +252,46 @@ def test_packed_rows_queue_one_tile_per_patch_group(setup):
         answers = tok.decode(targets[targets >= 0].tolist()).split("<|eot|>")
         assert answers[-1] == "" and len(answers) > 1
         assert {a.strip() for a in answers[:-1]} <= set(SHAPES), answers
+
+
+def test_text_fraction_reads_decimals_exactly_and_rejects_what_is_not_a_share():
+    assert text_fraction({"text_fraction": 0.1}, "c.toml") == Fraction(1, 10)  # not the binary 0.1
+    assert text_fraction({"text_fraction": 1}, "c.toml") == 1
+    assert text_fraction({"text_every": 3}, "c.toml") == Fraction(1, 3)
+    assert text_fraction({}, "c.toml") == 0
+    for bad in ({"text_fraction": True}, {"text_fraction": "3/4"}, {"text_fraction": -0.5}):
+        with pytest.raises(ValueError, match="c.toml: text_fraction must be a number"):
+            text_fraction(bad, "c.toml")
+    for bad in ({"text_every": 2.5}, {"text_every": True}, {"text_every": -1}):
+        with pytest.raises(ValueError, match="c.toml: text_every must be a whole number"):
+            text_fraction(bad, "c.toml")
+
+
+class _Numbered:
+    """A stream of numbered batches with a position (as the real streams' state_dict)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.i, self.pixels = name, 0, []
+
+    def next(self) -> str:
+        self.i += 1
+        return f"{self.name}{self.i}"
+
+    def state_dict(self) -> dict[str, int]:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.i = state["i"]
+
+
+def test_mixed_stream_resumes_where_it_stopped_and_refuses_another_mix():
+    stream = MixedStream(_Numbered("image"), _Numbered("text"), Fraction(3, 4))
+    for _ in range(7):
+        stream.next()
+    state = stream.state_dict()
+    expected = [stream.next() for _ in range(9)]
+    resumed = MixedStream(_Numbered("image"), _Numbered("text"), Fraction(3, 4))
+    resumed.load_state_dict(state)
+    assert [resumed.next() for _ in range(9)] == expected
+    with pytest.raises(ValueError, match="resume with the same text_every / text_fraction"):
+        MixedStream(_Numbered("image"), _Numbered("text"), Fraction(1, 2)).load_state_dict(state)

@@ -31,14 +31,16 @@ pretrain() {
   local moe=$!
   llama4 train --config recipes/nano_dense.toml > $R/pretrain_dense.log 2>&1 &
   local dense=$!
-  wait $moe && wait $dense
+  wait $moe
+  wait $dense  # separate lines: under set -e a failure inside an && list does not stop the script
 }
 pretrain_more() {  # both runs again, from their stage-1 weights (a re-warmed schedule)
   llama4 train --config recipes/nano_more.toml > $R/pretrain_more.log 2>&1 &
   local moe=$!
   llama4 train --config recipes/nano_dense_more.toml > $R/pretrain_dense_more.log 2>&1 &
   local dense=$!
-  wait $moe && wait $dense
+  wait $moe
+  wait $dense  # separate lines: under set -e a failure inside an && list does not stop the script
 }
 stage pretrain pretrain
 stage pretrain_more pretrain_more
@@ -51,7 +53,8 @@ anneal() {  # the same stage at two peak rates, side by side (one thread each), 
   python -m llama4.train.multimodal --config recipes/nano_anneal.toml --lr 4e-4 --out $R/anneal_low \
     > $R/anneal_low.log 2>&1 &
   local low=$!
-  wait $high && wait $low
+  wait $high
+  wait $low
   python scripts/nano/soup.py $R/final $R/anneal/model $R/anneal_low/model
 }
 stage anneal anneal

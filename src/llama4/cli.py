@@ -25,7 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("llama4.tokenizer_cli", "tokenizer tools: 'train' a byte-level BPE in tiktoken format"),
     "tokenize": ("llama4.tokenizer_cli", "print the token ids of a text file or of an OpenAI-style chat"),
     "train": ("llama4.train.commands.train", "pretrain a model from a preset on text files"),
-    "finetune": ("llama4.train.commands.finetune", "fine-tune a checkpoint on JSONL (full or LoRA)"),
+    "finetune": (
+        "llama4.train.commands.finetune",
+        "fine-tune a checkpoint on JSONL and text files (full or LoRA)",
+    ),
     "distill": ("llama4.train.commands.distill", "train a student on a teacher's soft targets and the data"),
     "merge": ("llama4.train.commands.merge", "merge a LoRA adapter into its base model"),
     "plot": ("llama4.train.commands.plot", "PNG charts of a training run's metrics.jsonl"),

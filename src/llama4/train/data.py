@@ -36,7 +36,8 @@ import torch
 
 IGNORE = -100  # target id that carries no loss (torch's cross_entropy default ignore_index)
 CACHE_VERSION = 1  # bump when the cached layout or the document framing changes
-TEXT_SUFFIXES = {".txt", ".md", ".text", ".jsonl"}
+PLAIN_TEXT_SUFFIXES = {".txt", ".md", ".text"}
+TEXT_SUFFIXES = PLAIN_TEXT_SUFFIXES | {".jsonl"}
 
 
 # -- tokenizer ------------------------------------------------------------------------------------
@@ -118,10 +119,11 @@ def _text_documents(files: list[Path]) -> Iterator[str]:
 
 def _sft_examples(files: list[Path], tokenizer) -> Iterator[tuple[list[int], list[int]]]:
     """(ids, loss mask) per JSONL record (chat records are masked to the assistant turns), and
-    per plain text file (one document, loss on every token, as in pretraining)."""
+    per plain text file (.txt, .md, .text: one document, loss on every token like a {"text"}
+    record). Any other file is read as JSON lines."""
     chat = None
     for f in files:
-        if f.suffix != ".jsonl":
+        if f.suffix in PLAIN_TEXT_SUFFIXES:
             ids = tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"), bos=True, eos=True)
             yield ids, [1] * len(ids)
             continue

@@ -251,9 +251,20 @@ class MixedStream:
         return self.images.next()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "images": self.images.state_dict(), "text": self.text.state_dict()}
+        return {
+            "count": self.count,
+            "fraction": str(self.fraction),
+            "images": self.images.state_dict(),
+            "text": self.text.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = Fraction(state.get("fraction", str(self.fraction)))  # older checkpoints: not saved
+        if saved != self.fraction:
+            raise ValueError(
+                f"the checkpoint's run took {saved} of its batches from text, this run {self.fraction}: "
+                "resume with the same text_every / text_fraction"
+            )
         self.count = state["count"]
         self.images.load_state_dict(state["images"])
         self.text.load_state_dict(state["text"])
@@ -523,13 +534,14 @@ def text_fraction(own: dict[str, Any], config: str | Path) -> Fraction:
     if "text_every" in own and "text_fraction" in own:
         raise ValueError(f"{config}: give one of text_every and text_fraction")
     if "text_fraction" in own:
-        fraction = Fraction(str(own["text_fraction"]))
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"{config}: text_fraction must be in [0, 1], got {own['text_fraction']}")
-        return fraction
-    every = int(own.get("text_every", 0))
-    if every < 0:
-        raise ValueError(f"{config}: text_every must be >= 0, got {every}")
+        value = own["text_fraction"]
+        # str(): a TOML float such as 0.1 means 1/10, not its binary approximation
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ValueError(f"{config}: text_fraction must be a number in [0, 1], got {value!r}")
+        return Fraction(str(value))
+    every = own.get("text_every", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"{config}: text_every must be a whole number >= 0, got {every!r}")
     return Fraction(1, every) if every else Fraction(0)
 
 
@@ -594,7 +606,10 @@ def main(argv: list[str] | None = None) -> int:
         description="The vision stages: a tower alone (--tower), or a tower fused into a text checkpoint."
     )
     p.add_argument(
-        "--config", required=True, help="TOML: run config + model, images, text_every, tower or [vision]"
+        "--config",
+        required=True,
+        help="TOML: run config + model, images, text_every or text_fraction, and a tower or [vision] "
+        "unless the model has one",
     )
     p.add_argument("--tower", action="store_true", help="the tower stage: pretrain a vision tower alone")
     p.add_argument("--steps", type=int)
@@ -603,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, help="peak learning rate (the vision stage; default: the config's)")
     args = p.parse_args(argv)
     if args.tower:
+        if args.lr is not None:
+            p.error("--lr applies to the vision stage; the tower stage's rate is in [tower_pretraining]")
         print(json.dumps(train_tower(args.config, out=args.out, steps=args.steps)))
         return 0
     print(json.dumps(train_vision(args.config, steps=args.steps, out=args.out, model=args.model, lr=args.lr)))
