@@ -13,6 +13,9 @@ sum: the machine's bandwidth, not one kernel's) is the fastest a step can be; "r
 that time / the measured step time. transformers runs every expert on
 every token (its Llama4TextExperts is a dense bmm), so it reads all E experts per layer.
 
+Then llama4 alone again with bfloat16 weights (skip with --no-bf16): tokens/s against its
+float32 figure, and the fraction of its own (half-size) roofline.
+
     python benchmarks/decode.py [--dim 1024 --layers 8 --experts 16 --expert-dim 2048 --vocab 32000
                                  --threads 2 --new-tokens 32 --prompt 32 --batches 1,8 --repeats 3]
 
@@ -217,6 +220,38 @@ def _hf_generate(hf, ids, n_new, clock, kw):
         handle.remove()
 
 
+def time_bf16(path, all_prompts, n, repeats, bw, fp32_rows) -> dict[int, dict[str, float]]:
+    """llama4 again with bfloat16 weights (`--dtype bfloat16`): tokens/s against float32's, and
+    its roofline (half the weight bytes). CPUs with AVX512-BF16 or AMX multiply bf16 natively;
+    without, the conversion makes bf16 slower than fp32 although it reads half the bytes."""
+    import llama4
+    from llama4.engine import Engine
+
+    model = llama4.load(path, dtype="bfloat16")
+    rows = {}
+    for batch, prompts in all_prompts.items():
+        engine = Engine(model, slots=batch, max_len=len(prompts[0]) + n + 1)
+        routing = count_routing(model, engine, prompts, n)
+        with torch.inference_mode():
+            steps, _ = time_ours(engine, prompts, n, repeats)
+        step_s = statistics.median(steps)
+        step_bytes_ = statistics.mean(
+            step_bytes(model, r, batch, len(prompts[0]) + n // 2)["ours"] for r in routing
+        )
+        rows[batch] = {
+            "tokens_per_s": batch / step_s,
+            "over_fp32": batch / step_s / fp32_rows[batch]["ours_tokens_per_s"],
+            "bytes_per_step_mb": step_bytes_ / 1e6,
+            "roofline_fraction": step_bytes_ / (bw * 1e9) / step_s,
+        }
+        r = rows[batch]
+        print(
+            f"\nbatch {batch}, bf16 weights: llama4 {r['tokens_per_s']:.1f} tokens/s = {r['over_fp32']:.2f}x fp32; "
+            f"reads {r['bytes_per_step_mb']:.0f} MB/step -> {r['roofline_fraction'] * 100:.0f}% of roofline"
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=1024)
@@ -230,6 +265,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--no-bf16", action="store_true", help="skip llama4 with bfloat16 weights")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -263,8 +299,10 @@ def main() -> None:
     results = {"bandwidth_gbps": bw, "bf16_over_fp32_matvec_speed": bw_ms / bw16_ms, "batches": {}}
     g = torch.Generator().manual_seed(0)
     n = args.new_tokens
+    all_prompts = {}
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = torch.randint(0, args.vocab, (batch, args.prompt), generator=g).tolist()
+        all_prompts[batch] = prompts
         engine = Engine(model, slots=batch, max_len=args.prompt + n + 1)
         routing = count_routing(model, engine, prompts, n)
         with torch.inference_mode():
@@ -319,6 +357,8 @@ def main() -> None:
         print(
             f"; bandwidth ceiling for llama4 {ceiling:.2f}x (8 x bytes per batch-1 step / bytes per batch-8 step)"
         )
+    if not args.no_bf16:
+        results["bf16"] = time_bf16(path, all_prompts, n, args.repeats, bw, results["batches"])
     results["bandwidth_gbps"] = bw
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
