@@ -12,7 +12,7 @@
 # tokenizer 95 s, pretraining 98 min and 52 min more (MoE and dense baseline at once, one
 # thread each; 1600 + 1200 steps x 4096 tokens = 11.5M tokens each), tower 27 min (run beside
 # the second pretraining stage), chat 542 s, vision 1314 s (both beside the dense run, one
-# thread), anneal 50 min (its two runs at once, one thread each: 1500 steps, 6.1M tokens each),
+# thread), anneal 50 min (its two runs at once, one thread each: 1500 steps of 4096 tokens, 3/4 of them text),
 # ship a few seconds: about 4.3 hours. The evaluations after it take a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -29,9 +29,7 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)  # TOML [model]: text-config fields
     tokenizer: str | None = None  # tokenizer file; default: the checkpoint's, else Llama 4's own
     # -- data ------------------------------------------------------------------------------------
-    data: list[str] = field(
-        default_factory=list
-    )  # files, folders, globs (text); finetune: JSONL, plain text too
+    data: list[str] = field(default_factory=list)  # files, folders, globs; finetune: JSONL and text
     val_data: list[str] = field(default_factory=list)  # held-out files; empty: split off val_fraction
     val_fraction: float = 0.02  # share of packed sequences held out when val_data is empty
     cache_dir: str = DEFAULT_CACHE_DIR  # tokenised corpora, memory-mapped, keyed by content + tokenizer

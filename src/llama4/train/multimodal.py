@@ -560,7 +560,8 @@ def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
     scale = float(own.get("decoder_lr_scale", 1.0))
     if scale == 0.0 and fraction > 0:
         raise ValueError(
-            f"{config}: decoder_lr_scale = 0 freezes the decoder, so text batches (text_every, text_fraction) train nothing"
+            f"{config}: decoder_lr_scale = 0 freezes the decoder, so text batches "
+            "(text_every, text_fraction) train nothing"
         )
     if "tower" in own or "vision" in own:
         vision_cfg, tower_state = (
