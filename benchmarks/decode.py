@@ -220,31 +220,41 @@ def _hf_generate(hf, ids, n_new, clock, kw):
         handle.remove()
 
 
+def measure_ours(model, prompts, n, repeats) -> tuple[float, list[list[int]], list[list[int]], list[dict]]:
+    """llama4 on `prompts`: (median decode step in s, tokens, distinct experts per layer per step,
+    bytes each step reads (`step_bytes`))."""
+    from llama4.engine import Engine
+
+    batch, kv_tokens = len(prompts), len(prompts[0]) + n // 2
+    engine = Engine(model, slots=batch, max_len=len(prompts[0]) + n + 1)
+    routing = count_routing(model, engine, prompts, n)
+    with torch.inference_mode():
+        steps, tokens = time_ours(engine, prompts, n, repeats)
+    return (
+        statistics.median(steps),
+        tokens,
+        routing,
+        [step_bytes(model, r, batch, kv_tokens) for r in routing],
+    )
+
+
 def time_bf16(path, all_prompts, n, repeats, bw, fp32_rows) -> dict[int, dict[str, float]]:
     """llama4 again with bfloat16 weights (`--dtype bfloat16`): tokens/s against float32's, and
     its roofline (half the weight bytes). CPUs with AVX512-BF16 or AMX multiply bf16 natively;
     without, the conversion makes bf16 slower than fp32 although it reads half the bytes."""
     import llama4
-    from llama4.engine import Engine
 
     model = llama4.load(path, dtype="bfloat16")
     rows = {}
     for batch, prompts in all_prompts.items():
-        engine = Engine(model, slots=batch, max_len=len(prompts[0]) + n + 1)
-        routing = count_routing(model, engine, prompts, n)
-        with torch.inference_mode():
-            steps, _ = time_ours(engine, prompts, n, repeats)
-        step_s = statistics.median(steps)
-        step_bytes_ = statistics.mean(
-            step_bytes(model, r, batch, len(prompts[0]) + n // 2)["ours"] for r in routing
-        )
-        rows[batch] = {
+        step_s, _, _, per_step = measure_ours(model, prompts, n, repeats)
+        nbytes = statistics.mean(b["ours"] for b in per_step)
+        rows[batch] = r = {
             "tokens_per_s": batch / step_s,
             "over_fp32": batch / step_s / fp32_rows[batch]["ours_tokens_per_s"],
-            "bytes_per_step_mb": step_bytes_ / 1e6,
-            "roofline_fraction": step_bytes_ / (bw * 1e9) / step_s,
+            "bytes_per_step_mb": nbytes / 1e6,
+            "roofline_fraction": nbytes / (bw * 1e9) / step_s,
         }
-        r = rows[batch]
         print(
             f"\nbatch {batch}, bf16 weights: llama4 {r['tokens_per_s']:.1f} tokens/s = {r['over_fp32']:.2f}x fp32; "
             f"reads {r['bytes_per_step_mb']:.0f} MB/step -> {r['roofline_fraction'] * 100:.0f}% of roofline"
@@ -272,7 +282,6 @@ def main() -> None:
     torch.manual_seed(0)
 
     import llama4
-    from llama4.engine import Engine
 
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; torch {torch.__version__}, "
           f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")  # fmt: skip
@@ -303,14 +312,8 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = torch.randint(0, args.vocab, (batch, args.prompt), generator=g).tolist()
         all_prompts[batch] = prompts
-        engine = Engine(model, slots=batch, max_len=args.prompt + n + 1)
-        routing = count_routing(model, engine, prompts, n)
-        with torch.inference_mode():
-            ours_steps, ours_tokens = time_ours(engine, prompts, n, args.repeats)
+        step_s, ours_tokens, routing, per_step = measure_ours(model, prompts, n, args.repeats)
         bw = max(bw, *memory_bandwidth(reps=5).values())  # the machine may be busier or quieter now
-        step_s = statistics.median(ours_steps)
-        kv_tokens = args.prompt + n // 2
-        per_step = [step_bytes(model, r, batch, kv_tokens) for r in routing]
         ours_bytes = statistics.mean(b["ours"] for b in per_step)
         dense_bytes = per_step[0]["dense_experts"]
         roof_s = ours_bytes / (bw * 1e9)

@@ -198,20 +198,27 @@ def test_vision_stage_starts_from_the_tower_and_a_frozen_decoder_keeps_its_weigh
         train_vision(stage)
 
 
-class _Counter:
-    """A stream that says which stream a batch came from."""
+class _Numbered:
+    """A stream of numbered batches with a position (as the real streams' state_dict)."""
 
     def __init__(self, name: str) -> None:
-        self.name, self.pixels = name, []
+        self.name, self.i, self.pixels = name, 0, []
 
     def next(self) -> str:
-        return self.name
+        self.i += 1
+        return f"{self.name}{self.i}"
+
+    def state_dict(self) -> dict[str, int]:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.i = state["i"]
 
 
 @pytest.mark.parametrize("fraction", ["0", "1/3", "1/2", "3/4", "2/7", "1"])
 def test_mixed_stream_spreads_text_batches_evenly(fraction):
-    stream = MixedStream(_Counter("image"), _Counter("text"), Fraction(fraction))
-    kinds = [stream.next() for _ in range(84)]
+    stream = MixedStream(_Numbered("image"), _Numbered("text"), Fraction(fraction))
+    kinds = [stream.next().rstrip("0123456789") for _ in range(84)]
     f = Fraction(fraction)
     assert kinds.count("text") == 84 * f
     for start in range(0, 84, f.denominator):  # every run of one denominator holds the numerator
@@ -265,23 +272,6 @@ def test_text_fraction_reads_decimals_exactly_and_rejects_what_is_not_a_share():
     for bad in ({"text_every": 2.5}, {"text_every": True}, {"text_every": -1}):
         with pytest.raises(ValueError, match="c.toml: text_every must be a whole number"):
             text_fraction(bad, "c.toml")
-
-
-class _Numbered:
-    """A stream of numbered batches with a position (as the real streams' state_dict)."""
-
-    def __init__(self, name: str) -> None:
-        self.name, self.i, self.pixels = name, 0, []
-
-    def next(self) -> str:
-        self.i += 1
-        return f"{self.name}{self.i}"
-
-    def state_dict(self) -> dict[str, int]:
-        return {"i": self.i}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.i = state["i"]
 
 
 def test_mixed_stream_resumes_where_it_stopped_and_refuses_another_mix():

@@ -121,11 +121,15 @@ def _sft_examples(files: list[Path], tokenizer) -> Iterator[tuple[list[int], lis
     """(ids, loss mask) per JSONL record (chat records are masked to the assistant turns), and
     per plain text file (.txt, .md, .text: one document, loss on every token like a {"text"}
     record). Any other file is read as JSON lines."""
+
+    def whole(text: str) -> tuple[list[int], list[int]]:
+        ids = tokenizer.encode(text, bos=True, eos=True)
+        return ids, [1] * len(ids)
+
     chat = None
     for f in files:
         if f.suffix in PLAIN_TEXT_SUFFIXES:
-            ids = tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"), bos=True, eos=True)
-            yield ids, [1] * len(ids)
+            yield whole(f.read_text(encoding="utf-8", errors="replace"))
             continue
         for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -141,8 +145,7 @@ def _sft_examples(files: list[Path], tokenizer) -> Iterator[tuple[list[int], lis
                 if not ids or ids[0] != tokenizer.bos_id:
                     ids, mask = [tokenizer.bos_id, *ids], [0, *mask]
             elif "text" in rec:
-                ids = tokenizer.encode(rec["text"], bos=True, eos=True)
-                mask = [1] * len(ids)
+                ids, mask = whole(rec["text"])
             else:
                 raise ValueError(f"{f}:{n}: a record needs 'messages' or 'text', got keys {sorted(rec)}")
             yield ids, mask
