@@ -220,18 +220,31 @@ def _hf_generate(hf, ids, n_new, clock, kw):
         handle.remove()
 
 
-def measure_ours(model, prompts, n, repeats) -> tuple[float, list[list[int]], list[list[int]], list[dict]]:
-    """llama4 on `prompts`: (median decode step in s, tokens, distinct experts per layer per step,
-    bytes each step reads (`step_bytes`))."""
+def measure_ours(
+    model, prompts, n, repeats
+) -> tuple[float, float | None, list[list[int]], list[list[int]], list[dict]]:
+    """llama4 on `prompts`: (median decode step in s, the same on torch's kernels alone (None
+    without llama4's compiled kernels), tokens, distinct experts per layer per step, bytes each
+    step reads (`step_bytes`)). The two kernel choices alternate run by run, so a busier or
+    quieter moment of a shared machine affects both alike."""
+    from llama4 import kernels
     from llama4.engine import Engine
 
     batch, kv_tokens = len(prompts), len(prompts[0]) + n // 2
     engine = Engine(model, slots=batch, max_len=len(prompts[0]) + n + 1)
     routing = count_routing(model, engine, prompts, n)
+    compare = kernels.available()
+    steps, torch_steps = [], []
     with torch.inference_mode():
-        steps, tokens = time_ours(engine, prompts, n, repeats)
+        for _ in range(repeats):
+            s, tokens = time_ours(engine, prompts, n, 1)
+            steps += s
+            if compare:
+                with kernels.disabled():
+                    torch_steps += time_ours(engine, prompts, n, 1)[0]
     return (
         statistics.median(steps),
+        statistics.median(torch_steps) if compare else None,
         tokens,
         routing,
         [step_bytes(model, r, batch, kv_tokens) for r in routing],
@@ -247,7 +260,7 @@ def time_bf16(path, all_prompts, n, repeats, bw, fp32_rows) -> dict[int, dict[st
     model = llama4.load(path, dtype="bfloat16")
     rows = {}
     for batch, prompts in all_prompts.items():
-        step_s, _, _, per_step = measure_ours(model, prompts, n, repeats)
+        step_s, _, _, _, per_step = measure_ours(model, prompts, n, repeats)
         nbytes = statistics.mean(b["ours"] for b in per_step)
         rows[batch] = r = {
             "tokens_per_s": batch / step_s,
@@ -282,9 +295,11 @@ def main() -> None:
     torch.manual_seed(0)
 
     import llama4
+    from llama4 import kernels
 
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; torch {torch.__version__}, "
-          f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")  # fmt: skip
+          f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+          f"llama4's compiled CPU kernels: {'yes' if kernels.available() else 'NO (torch kernels)'}")  # fmt: skip
     ways = memory_bandwidth()
     bw = max(ways.values())
     print("memory bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in ways.items())
@@ -312,7 +327,7 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = torch.randint(0, args.vocab, (batch, args.prompt), generator=g).tolist()
         all_prompts[batch] = prompts
-        step_s, ours_tokens, routing, per_step = measure_ours(model, prompts, n, args.repeats)
+        step_s, torch_step_s, ours_tokens, routing, per_step = measure_ours(model, prompts, n, args.repeats)
         bw = max(bw, *memory_bandwidth(reps=5).values())  # the machine may be busier or quieter now
         ours_bytes = statistics.mean(b["ours"] for b in per_step)
         dense_bytes = per_step[0]["dense_experts"]
@@ -331,6 +346,13 @@ def main() -> None:
             f"-> roofline {roof_s * 1e3:.1f} ms/step = {row['roofline_fraction'] * 100:.0f}% of roofline"
         )
         print(line)
+        if torch_step_s is not None:  # the same engine on torch's kernels (oneDNN, F.rms_norm)
+            row["ours_torch_kernels_tokens_per_s"] = batch / torch_step_s
+            row["compiled_kernels_speedup"] = torch_step_s / step_s
+            print(
+                f"  llama4 on torch's kernels alone: {batch / torch_step_s:.1f} tokens/s -> "
+                f"llama4's compiled kernels are {torch_step_s / step_s:.2f}x faster"
+            )
         if hf is not None:
             with torch.inference_mode():
                 hf_steps, hf_tokens = time_hf(hf, prompts, n, args.repeats)

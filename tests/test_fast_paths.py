@@ -1,6 +1,7 @@
 """Each inference fast path against its slow, obvious twin.
 
-- `layers.linear` (oneDNN for few-row float32 products on CPU) == F.linear
+- `layers.linear` (llama4's kernel or oneDNN for few-row products on CPU) == F.linear
+  (the compiled kernels themselves: tests/test_kernels.py)
 - `attention.decode_attention` (one query per row, two matmuls) == SDPA
 - `layers.rms_norm` (torch's fused kernel for float32) == the formula
 - `MoE._forward_few` (loop over chosen experts) == grouped dispatch == dense

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llama4 import kernels
 from llama4.engine.cache import KVCache
 from llama4.engine.sampling import SamplerState, SamplingParams, TokenLogprob, logprobs_of, sample
 from llama4.engine.text import TextStream
@@ -213,12 +214,13 @@ class Engine:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output head on hidden states (B, D) -> logits (B, V), at least float32.
 
-        On CPU with several rows (more than FEW_ROWS, or not float32), the (V, D) head is applied
-        in blocks of HEAD_BLOCK rows: MKL's small-batch GEMM on a large matrix runs at a fraction of memory bandwidth, on
-        blocks it is 1.5-2x faster. Same values either way.
+        Up to FEW_ROWS rows, `layers.linear`'s few-row kernel. On CPU with more rows (or without
+        that kernel, not float32) the (V, D) head is applied in blocks of HEAD_BLOCK rows: MKL's
+        small-batch GEMM on a large matrix runs at a fraction of memory bandwidth, on blocks it is
+        1.5-2x faster. Same values either way.
         """
         w = self.model.output.weight
-        few = h.shape[0] <= FEW_ROWS and h.dtype == torch.float32  # the oneDNN kernel (layers.linear)
+        few = h.shape[0] <= FEW_ROWS and (h.dtype == torch.float32 or kernels.supports(h, w))
         if h.device.type != "cpu" or few or h.shape[0] == 1 or w.shape[0] <= 2 * HEAD_BLOCK:
             return _upcast(self.model.output(h))
         out = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)

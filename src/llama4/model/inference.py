@@ -13,8 +13,8 @@ saving, loading, optimizers and training see the same model.
    and takes the unfused path; the next ``prepare_for_inference`` fuses it again.
 
 2. Expert memory order (CPU). The routed experts are (E, D, 2F) and (E, F, D) in checkpoints,
-   i.e. input-major per expert. The few-row kernel of ``layers.linear`` (oneDNN) wants each
-   expert's matrix output-major and contiguous, so on CPU the experts are stored as (E, 2F, D)
+   i.e. input-major per expert. The few-row kernels of ``layers.linear`` (llama4.kernels, oneDNN)
+   want each expert's matrix output-major with contiguous rows, so on CPU the experts are stored as (E, 2F, D)
    and (E, D, F) and the parameters become transposed views with the checkpoint's shapes.
    This copies the experts once when an Engine starts on CPU (a memory-mapped checkpoint is
    read into RAM then).

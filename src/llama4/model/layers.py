@@ -11,16 +11,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama4 import kernels
 from llama4.config import RopeScaling
 
 
 def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """RMS normalisation over the last dim, computed in float32, then times `weight` if given.
 
-    float32 inputs take torch's fused kernel (one op instead of seven: decoding runs ~30 norms
-    per step); other dtypes normalise in float32, cast back, then scale, as the reference does.
+    float32 inputs take one kernel: llama4's compiled one for decode-sized inference inputs on
+    CPU (torch's CPU kernel for it runs ~8 ops: ~60 us on one 1024-wide row, and decoding runs
+    ~30 norms per step), else torch's F.rms_norm. Other dtypes normalise in float32, cast back,
+    then scale, as the reference does.
     """
     if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
+        if (
+            not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and kernels.rms_norm_supports(x, weight)
+        ):
+            return kernels.rms_norm(x, eps, weight)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
@@ -40,27 +49,29 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-# Decoding multiplies each weight by a few rows. On CPU, oneDNN's kernel streams a float32
-# weight from memory 1.4-1.7x faster than MKL's (which torch's F.linear uses) at one row and
-# ~2x at 8 rows (measured on a 2-core AVX2 machine: 26-30 vs 17-18 GB/s, 10-12 vs 5-6 GB/s;
-# benchmarks/decode.py). Larger products (prefill, training) keep F.linear.
-FEW_ROWS = 16
+# Decoding multiplies each weight by a few rows (one per sequence), so it runs at the speed the
+# weights stream from memory. On CPU such products take llama4's compiled kernel
+# (llama4.kernels.few_rows: float32 and bfloat16 weights), else, for float32, oneDNN's kernel,
+# which streams 1.4-1.7x faster than MKL's (what F.linear runs) at one row. On the 2-core
+# AVX-512 machine of benchmarks/decode.py, over a decode step's matrices at one row:
+# llama4's 27-30 GB/s, oneDNN 20-25, MKL ~17; bfloat16 weights: llama4's 25 GB/s, torch's 14.
+# Larger products (prefill, training) keep F.linear.
+FEW_ROWS = kernels.MAX_ROWS
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) without bias: oneDNN for few-row float32 inference on CPU."""
+    """F.linear(x, weight) without bias; few-row inference products on CPU take a faster kernel."""
     if (
-        _ONEDNN
-        and not torch.compiler.is_compiling()  # Inductor cannot lower the oneDNN op
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.numel() <= FEW_ROWS * x.shape[-1]
-        and weight.is_contiguous()
         and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()  # Inductor cannot lower these kernels
     ):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        if kernels.supports(x, weight):
+            return kernels.few_rows(x, weight)
+        if _ONEDNN and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous():
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
 
 
