@@ -10,8 +10,9 @@ Their slow, obvious twins are torch's F.linear and F.rms_norm; tests hold one ag
 The source is compiled once per machine with the system C compiler (``$CC``, else cc/gcc/clang;
 -O3 -march=native -fopenmp) into a cache directory (``$LLAMA4_KERNEL_CACHE``, else
 ``~/.cache/llama4/kernels``), keyed by the source, the compiler and the CPU's flags, and loaded
-with ctypes (no torch headers: it builds in about a second). The library shares torch's OpenMP
-runtime, and each call uses ``torch.get_num_threads()`` threads.
+with ctypes (no torch headers: it builds in about a second). Each call uses
+``torch.get_num_threads()`` OpenMP threads (with torch's Linux wheels the library links the
+libgomp torch already loaded: one thread pool).
 
 Where there is no compiler, or the build or its self-test fails, `available()` is False (a
 warning says why, once) and torch's kernels run instead, ~20-30% slower at decoding. Set
@@ -80,9 +81,17 @@ def _compile(cc: str, out: Path) -> None:
     for flags in attempts:
         fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.partial")
         os.close(fd)
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        try:
+            proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        except OSError:
+            os.unlink(tmp)
+            raise
         if proc.returncode == 0:
             os.replace(tmp, out)
+            if "-fopenmp" not in flags:
+                warnings.warn(
+                    f"{cc} cannot build with OpenMP: llama4's CPU kernels run on one thread", stacklevel=4
+                )
             return
         os.unlink(tmp)
         errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-300:]}")
@@ -98,7 +107,14 @@ def _library() -> ctypes.CDLL | None:
         return _unavailable("no C compiler found (set CC, or install gcc)")
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256(b"\0".join(s.encode() for s in (SOURCE.read_text(), cc, version, _cpu_flags())))
+        parts = (
+            SOURCE.read_text(),
+            Path(__file__).read_text(),
+            cc,
+            version,
+            _cpu_flags(),
+        )  # this file: the flags
+        key = hashlib.sha256(b"\0".join(s.encode() for s in parts))
         path = cache_dir() / f"llama4-kernels-{key.hexdigest()[:16]}.so"
         if not path.is_file():
             _compile(cc, path)
@@ -139,13 +155,12 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     if not torch.allclose(y, F.rms_norm(x, (77,), w, 1e-5), rtol=1e-5, atol=1e-6):
         return False
     for dtype in (torch.float32, torch.bfloat16):
-        for m, n, k in ((1, 67, 133), (5, 64, 256), (11, 9, 40)):
+        for m, n, k, threads in ((1, 67, 133, 1), (5, 64, 256, 1), (11, 9, 40, 1), (3, 301, 257, 2)):
             x = torch.randn(m, k, generator=g)
             w = torch.randn(n, k, generator=g).to(dtype)
             y = torch.empty(m, n)
-            lib.llama4_few_rows(
-                x.data_ptr(), k, w.data_ptr(), k, int(dtype == torch.bfloat16), y.data_ptr(), m, n, k, 1
-            )
+            bf16 = int(dtype == torch.bfloat16)
+            lib.llama4_few_rows(x.data_ptr(), k, w.data_ptr(), k, bf16, y.data_ptr(), m, n, k, threads)
             if not torch.allclose(y, F.linear(x, w.float()), rtol=1e-4, atol=1e-4):
                 return False
     return True
@@ -161,7 +176,8 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Run torch's kernels instead inside this block (benchmarks and tests compare the two)."""
+    """Run torch's kernels instead inside this block (benchmarks and tests compare the two).
+    A process-wide switch: other threads see it too."""
     global _enabled
     before, _enabled = _enabled, False
     try:
@@ -172,14 +188,15 @@ def disabled() -> Iterator[None]:
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `few_rows(x, weight)` applies: CPU, at most MAX_ROWS rows, weight (N, K) float32 or
-    bfloat16 with contiguous rows, x of the same dtype family (float32, or bfloat16 with bf16 W)."""
+    bfloat16 with contiguous rows, x of the same dtype."""
     return (
         x.device.type == "cpu"
         and weight.device.type == "cpu"
         and weight.dim() == 2
         and weight.stride(1) == 1
         and (weight.dtype == torch.float32 or weight.dtype == torch.bfloat16)
-        and (x.dtype == torch.float32 or x.dtype == weight.dtype)
+        and x.dtype == weight.dtype  # as F.linear requires
+        and 0 < x.shape[-1]
         and x.numel() <= MAX_ROWS * x.shape[-1]
         and available()
     )
@@ -224,7 +241,13 @@ def rms_norm_supports(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
         and x.dtype == torch.float32
         and 0 < x.numel() <= NORM_MAX_NUMEL
         and (
-            weight is None or (weight.dtype == torch.float32 and weight.dim() == 1 and weight.is_contiguous())
+            weight is None
+            or (
+                weight.device.type == "cpu"
+                and weight.dtype == torch.float32
+                and weight.dim() == 1
+                and weight.is_contiguous()
+            )
         )
         and available()
     )
