@@ -253,8 +253,9 @@ def measure_ours(
 
 def time_bf16(path, all_prompts, n, repeats, bw, fp32_rows) -> dict[int, dict[str, float]]:
     """llama4 again with bfloat16 weights (`--dtype bfloat16`): tokens/s against float32's, and
-    its roofline (half the weight bytes). CPUs with AVX512-BF16 or AMX multiply bf16 natively;
-    without, the conversion makes bf16 slower than fp32 although it reads half the bytes."""
+    its roofline (half the weight bytes). llama4's compiled kernel widens bf16 weights to float32
+    in registers (a shift); torch's own bf16 product is fast only on CPUs with AVX512-BF16 or AMX
+    (on an AVX2-only machine it was slower than fp32)."""
     import llama4
 
     model = llama4.load(path, dtype="bfloat16")
