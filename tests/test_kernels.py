@@ -1,8 +1,10 @@
-"""llama4's compiled CPU kernels (llama4.kernels) against their slow twins, F.linear and F.rms_norm;
-the engine's tokens with them and without; the fallback when they cannot be built."""
+"""llama4's compiled CPU kernels (llama4.kernels) against their slow twins (F.linear, F.rms_norm,
+F.scaled_dot_product_attention, apply_rope); their thread pool under concurrent callers and
+fork; the engine's tokens with them and without; the fallback when they cannot be built."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from llama4 import kernels
 from llama4.config import ModelConfig, MoEConfig, TextConfig
 from llama4.engine import Engine, SamplingParams
-from llama4.model.layers import linear, rms_norm
+from llama4.model.layers import apply_rope, glu_linear, linear, rms_norm, rope_and_norm
 from llama4.model.transformer import Transformer
 
 
@@ -89,6 +91,152 @@ def test_few_rows_refuses_what_it_does_not_do():
 
 
 @needs_kernels
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(1, 1), (67, 133), (300, 64), (301, 1030)])
+def test_few_rows_glu_equals_silu_gate_times_up(threads, dtype, n, k):
+    """glu=True: x holds [gate | up] and the product takes silu(gate) * up (a SwiGLU's down
+    projection), the same as forming it with torch first."""
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    for m in (1, 2, 3, 9, kernels.MAX_ROWS):
+        h = torch.randn(m, 2 * k + 4, generator=g).to(dtype)[:, : 2 * k]  # rows apart by more than 2k
+        gate, up = h.float().chunk(2, dim=-1)
+        ref = F.linear((F.silu(gate) * up).to(dtype).float(), w.float())
+        assert rel(kernels.few_rows(h, w, glu=True), ref) <= (1e-5 if dtype == torch.float32 else 1e-2), m
+    with pytest.raises(ValueError, match=r"expects 2 x"):
+        kernels.few_rows(torch.randn(1, k).to(dtype), w, glu=True)
+
+
+@needs_kernels
+def test_glu_activation_is_silu_to_the_last_bits():
+    """The kernel's own vectorised exp, checked element by element (an identity weight returns
+    silu(gate) * up itself) from far negative to far positive gates, vector tails included."""
+    gate = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([0.0, -0.0, 1e-30, 87.5, -87.5, 89.0, -89.0])])
+    g = torch.Generator().manual_seed(0)
+    gate = gate[torch.randperm(gate.numel(), generator=g)]
+    up = torch.rand(gate.numel(), generator=g) + 0.5
+    for n in (gate.numel(), 37):  # 37: mostly the scalar tail
+        out = kernels.few_rows(torch.cat([gate[:n], up[:n]])[None], torch.eye(n), glu=True)[0]
+        ref = (F.silu(gate[:n].double()) * up[:n].double()).float()
+        tiny = ref.abs() < 1e-30  # underflows: compare absolutely
+        assert ((out - ref).abs() / ref.abs())[~tiny].max() <= 1e-6
+        assert torch.all((out - ref)[tiny].abs() <= 1e-30)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("B,H,K,Dh", [(1, 4, 2, 16), (3, 8, 1, 20), (2, 6, 6, 128)])
+@pytest.mark.parametrize("S", [1, 7, 300])
+def test_decode_attention_equals_sdpa(threads, B, H, K, Dh, S):
+    """One query per row against keys/values read as views of a larger cache (rows of the cache
+    and positions beyond S skipped), without a mask, with one per row and with one for all rows."""
+    g = torch.Generator().manual_seed(B * H * S + Dh)
+    cache_k = torch.randn(B + 2, K, S + 5, Dh, generator=g)
+    cache_v = torch.randn(B + 2, K, S + 5, Dh, generator=g)
+    k, v = cache_k[1 : B + 1, :, :S], cache_v[1 : B + 1, :, :S]
+    q = torch.randn(B, 1, H, Dh, generator=g).transpose(1, 2)  # (B, H, 1, Dh) as attention hands it over
+    per_row = torch.rand(B, 1, 1, S, generator=g) < 0.6
+    per_row[..., -1] = True  # every row attends to its own (last) position
+    for mask in (None, per_row, per_row[:1]):
+        assert kernels.decode_attention_supports(q, k, v, mask)
+        out = kernels.decode_attention(q, k, v, mask, Dh**-0.5)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        assert out.shape == ref.shape == (B, H, 1, Dh)
+        assert rel(out, ref) <= 1e-5
+
+
+@needs_kernels
+def test_decode_attention_refuses_what_it_does_not_do():
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 5, 16)
+    assert not kernels.decode_attention_supports(torch.randn(2, 4, 3, 16), k, k, None)  # 3 queries per row
+    assert not kernels.decode_attention_supports(q, k.bfloat16(), k.bfloat16(), None)
+    assert not kernels.decode_attention_supports(torch.randn(2, 3, 1, 16), k, k, None)  # 3 heads over 2
+    assert not kernels.decode_attention_supports(q, k, k, torch.ones(2, 4, 1, 5, dtype=torch.bool))  # per head
+    assert not kernels.decode_attention_supports(q, k, k, torch.ones(2, 1, 1, 5))  # not boolean
+    assert not kernels.decode_attention_supports(q, k[:, :, :0], k[:, :, :0], None)  # nothing to attend to
+    with pytest.raises(ValueError, match="unsupported"):
+        kernels.decode_attention(q, k, k.transpose(2, 3), None, 0.25)
+
+
+@needs_kernels
+@pytest.mark.parametrize("B,T,heads,Dh", [(1, 1, 10, 128), (8, 1, 3, 16), (2, 5, 4, 8), (1, 7, 2, 64)])
+@pytest.mark.parametrize("norm", [False, True])
+def test_rope_equals_apply_rope(B, T, heads, Dh, norm):
+    """In place on the query/key columns of a fused projection's output (rows wider than the
+    heads), as attention calls it; with and without the QK norm after it."""
+    g = torch.Generator().manual_seed(B * T * Dh)
+    qkv = torch.randn(B, T, (heads + 3) * Dh, generator=g)
+    x = qkv[..., : heads * Dh].unflatten(-1, (heads, Dh))
+    angles = torch.randn(B, T, 1, Dh // 2, generator=g) * 50
+    cos, sin = angles.cos(), angles.sin()
+    ref = apply_rope(x, cos, sin)
+    if norm:
+        ref = F.rms_norm(ref, (Dh,), None, 1e-5)
+    rest = qkv[..., heads * Dh :].clone()
+    assert kernels.rope_supports(x, cos, sin)
+    out = kernels.rope_(x, cos, sin, 1e-5 if norm else None)
+    assert out.data_ptr() == x.data_ptr()  # in place
+    assert rel(x, ref) <= 1e-5
+    assert torch.equal(qkv[..., heads * Dh :], rest)  # the value columns untouched
+
+
+@needs_kernels
+def test_pool_serves_concurrent_callers_and_more_threads_than_cores():
+    """Products from several Python threads at once (ctypes lets go of the GIL, so they meet in
+    the pool), each over more threads than this machine may have cores, all correct."""
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(700 + 10 * i, 300, generator=g) for i in range(6)]
+    xs = [torch.randn(1 + i % 4, 300, generator=g) for i in range(6)]
+    refs = [F.linear(x, w) for x, w in zip(xs, ws)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(4, os.cpu_count() or 1))
+    try:
+
+        def run(i: int) -> float:
+            return max(rel(kernels.few_rows(xs[i % 6], ws[i % 6]), refs[i % 6]) for _ in range(30))
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            errors = list(pool.map(run, range(12)))
+    finally:
+        torch.set_num_threads(before)
+    assert max(errors) <= 1e-5
+
+
+@needs_kernels
+def test_pool_works_in_a_forked_child():
+    """A child forked while another thread is inside a product has none of the pool's threads and
+    may inherit its locks mid-job: it must neither hang nor compute wrong products."""
+    script = textwrap.dedent(
+        """
+        import os, signal, threading, torch, torch.nn.functional as F
+        from llama4 import kernels
+        torch.set_num_threads(2)
+        x, w = torch.randn(2, 256), torch.randn(4000, 256)
+        ref = F.linear(x, w)  # here: torch's OpenMP threads do not survive a fork either
+        assert torch.allclose(kernels.few_rows(x, w), ref, atol=1e-4)  # the pool runs
+        stop = threading.Event()
+        def busy():
+            while not stop.is_set():
+                kernels.few_rows(x, w)
+        threading.Thread(target=busy, daemon=True).start()
+        for _ in range(10):  # forks landing at different moments of the busy thread's products
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(20)  # a hung child dies instead of outliving the test
+                ok = all(torch.allclose(kernels.few_rows(x, w), ref, atol=1e-4) for _ in range(20))
+                os._exit(0 if ok else 3)
+            _, status = os.waitpid(pid, 0)
+            print("child", os.waitstatus_to_exitcode(status))
+        stop.set()
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["child", "0"] * 10
+
+
+@needs_kernels
 @pytest.mark.parametrize("shape", [(1, 1024), (3, 5, 77), (8, 128), (2, 1)])
 def test_rms_norm_equals_f_rms_norm(shape):
     x = torch.randn(*shape) * 3
@@ -124,6 +272,26 @@ def test_layers_take_the_kernels_only_for_decode_sized_inference(monkeypatch):
     linear(torch.randn(1, 32), w.requires_grad_())  # autograd on: F.linear
     rms_norm(x, 1e-5)
     assert calls == [("linear", 2, 32), ("norm", 2, 16)]
+
+
+@needs_kernels
+def test_glu_and_rope_layers_take_the_kernels_only_for_small_inference_inputs(monkeypatch):
+    calls = []
+    few_rows, rope = kernels.few_rows, kernels.rope_
+    monkeypatch.setattr(
+        kernels, "few_rows", lambda x, w, glu=False: calls.append(("linear", glu)) or few_rows(x, w, glu)
+    )
+    monkeypatch.setattr(kernels, "rope_", lambda x, *a: calls.append(("rope", *x.shape)) or rope(x, *a))
+    w, h = torch.randn(24, 32), torch.randn(2, 64)
+    gate, up = h.chunk(2, dim=-1)
+    x, angles = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 1, 4)
+    with torch.inference_mode():
+        assert rel(glu_linear(h, w), F.linear(F.silu(gate) * up, w)) <= 1e-5
+        assert rel(rope_and_norm(x.clone(), angles.cos(), angles.sin(), None), apply_rope(x, angles.cos(), angles.sin())) <= 1e-5
+        glu_linear(torch.randn(kernels.MAX_ROWS + 1, 64), w)  # prefill-sized: torch
+    glu_linear(h, w.requires_grad_())  # autograd on: torch
+    rope_and_norm(x, angles.cos(), angles.sin(), 1e-5)
+    assert calls == [("linear", True), ("rope", 1, 1, 4, 8)]
 
 
 def small_model(dtype: torch.dtype) -> Transformer:

@@ -1,21 +1,26 @@
 """CPU kernels in C, compiled for this machine on first use.
 
-- `few_rows(x, weight)`: the product of a few rows (decoding: one per sequence) with a float32
-  or bfloat16 weight, streamed from memory at close to the machine's bandwidth (kernels.c says
-  how). `llama4.model.layers.linear` runs it for decode-sized inference products on CPU.
+- `few_rows(x, weight, glu=False)`: the product of a few rows (decoding: one per sequence) with
+  a float32 or bfloat16 weight, streamed from memory at close to the machine's bandwidth
+  (kernels.c says how); with glu=True, x holds a SwiGLU's [gate | up] and the product takes
+  silu(gate) * up. `llama4.model.layers.linear` and `glu_linear` run it for decode-sized
+  inference products on CPU.
 - `rms_norm(x, eps, weight)`: RMS normalisation of a few float32 rows in one call
-  (`llama4.model.layers.rms_norm` runs it for decode-sized inference inputs on CPU).
-Their slow, obvious twins are torch's F.linear and F.rms_norm; tests hold one against the other.
+  (`llama4.model.layers.rms_norm`).
+- `decode_attention(q, k, v, mask, scale)`: one query per row against the KV cache
+  (`llama4.model.attention.decode_attention`).
+- `rope_(x, cos, sin, norm_eps)`: RoPE and the QK norm in place (`llama4.model.layers.rope_and_norm`).
+Their slow, obvious twins are torch's F.linear, F.rms_norm, F.scaled_dot_product_attention and
+`llama4.model.layers.apply_rope`; tests hold one against the other.
 
 The source is compiled once per machine with the system C compiler (``$CC``, else cc/gcc/clang;
--O3 -march=native -fopenmp) into a cache directory (``$LLAMA4_KERNEL_CACHE``, else
+-O3 -march=native -pthread) into a cache directory (``$LLAMA4_KERNEL_CACHE``, else
 ``~/.cache/llama4/kernels``), keyed by the source, the compiler and the CPU's flags, and loaded
-with ctypes (no torch headers: it builds in about a second). Each call uses
-``torch.get_num_threads()`` OpenMP threads (with torch's Linux wheels the library links the
-libgomp torch already loaded: one thread pool).
+with ctypes (no torch headers: it builds in about a second). Products and attention split over
+``torch.get_num_threads()`` threads of the library's own pool (kernels.c says why not OpenMP).
 
 Where there is no compiler, or the build or its self-test fails, `available()` is False (a
-warning says why, once) and torch's kernels run instead, ~20-30% slower at decoding. Set
+warning says why, once) and torch's kernels run instead, ~1.3-1.5x slower at decoding. Set
 ``LLAMA4_KERNELS=0`` to turn the kernels off.
 """
 
@@ -39,7 +44,12 @@ import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_ROWS = 16  # few_rows: up to this many rows of x; beyond, torch's GEMM is the right tool
-NORM_MAX_NUMEL = 1 << 16  # rms_norm: inputs up to this size (one thread; larger ones take torch's)
+NORM_MAX_NUMEL = 1 << 16  # rms_norm, rope_: inputs up to this size (one thread; larger ones take torch's)
+# Idle pool workers spin this long for the next product before they sleep ($LLAMA4_SPIN_US).
+# Spinning saves the wake-up but takes a core a busy machine's other processes want. Measured on
+# 2 cores, batch-1 decoding, ms a step for 0 / 20 / 50 / 200 us: idle 31.4 / 32.6 / 30.7 / 30.9,
+# beside one busy process 40.0 / 40.0 / 44.0 / 45.2 (1 ms: 35.3 idle, 68.0 busy, in another run).
+SPIN_US = 0
 
 
 def _compiler() -> str | None:
@@ -70,12 +80,9 @@ def cache_dir() -> Path:
 
 def _compile(cc: str, out: Path) -> None:
     """Build the shared library at `out` (atomically: concurrent builds never see a partial file)."""
-    base = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
-    # -march=native where the compiler knows it (x86, recent Arm GCC), else -mcpu=native (Arm clang);
-    # -fopenmp where available (Apple clang lacks it: one thread then).
-    attempts = [
-        base + arch + omp for arch in (["-march=native"], ["-mcpu=native"]) for omp in (["-fopenmp"], [])
-    ]
+    base = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-pthread"]
+    # -march=native where the compiler knows it (x86, recent Arm GCC), else -mcpu=native (Arm clang).
+    attempts = [base + arch for arch in (["-march=native"], ["-mcpu=native"])]
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for flags in attempts:
@@ -88,10 +95,6 @@ def _compile(cc: str, out: Path) -> None:
             raise
         if proc.returncode == 0:
             os.replace(tmp, out)
-            if "-fopenmp" not in flags:
-                warnings.warn(
-                    f"{cc} cannot build with OpenMP: llama4's CPU kernels run on one thread", stacklevel=4
-                )
             return
         os.unlink(tmp)
         errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-300:]}")
@@ -121,24 +124,38 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError) as e:
         return _unavailable(f"building {SOURCE.name} with {cc} failed: {e}")
-    fn = lib.llama4_few_rows
-    fn.restype = None
-    fn.argtypes = [
-        ctypes.c_void_p, ctypes.c_int64,  # x, its row stride
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,  # W, its row stride, whether bfloat16
-        ctypes.c_void_p,  # y
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # M, N, K
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    _declare(lib.llama4_few_rows, ctypes.c_int, [
+        ptr, i64, ctypes.c_int,  # x, its row stride, whether x holds [gate | up] (glu)
+        ptr, i64, ctypes.c_int,  # W, its row stride, whether bfloat16
+        ptr, i64, i64, i64,  # y, M, N, K
         ctypes.c_int,  # threads
-    ]  # fmt: skip
-    norm = lib.llama4_rms_norm
-    norm.restype = None
-    norm.argtypes = [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,  # x, its row stride, w, y
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_float,  # rows, dim, eps
-    ]  # fmt: skip
+    ])  # fmt: skip
+    _declare(lib.llama4_rms_norm, None, [
+        ptr, i64, ptr, ptr,  # x, its row stride, w, y
+        i64, i64, ctypes.c_float,  # rows, dim, eps
+    ])  # fmt: skip
+    _declare(lib.llama4_decode_attention, ctypes.c_int, [
+        ptr, i64, i64,  # q and its strides (row, head)
+        ptr, i64, i64, i64,  # k and its strides (row, head, position)
+        ptr, i64, i64, i64,  # v and its strides
+        ptr, i64,  # mask and its row stride
+        ptr, i64, i64, i64, i64, i64,  # out, B, H, K, S, Dh
+        ctypes.c_float, ctypes.c_int,  # scale, threads
+    ])  # fmt: skip
+    _declare(lib.llama4_rope, None, [
+        ptr, i64, i64, i64, i64, i64,  # x, rows, row stride, heads, head stride, Dh
+        ptr, ptr, ctypes.c_float,  # cos, sin, norm eps (< 0: no norm)
+    ])  # fmt: skip
+    _declare(lib.llama4_set_spin, None, [i64])
+    lib.llama4_set_spin(int(float(os.environ.get("LLAMA4_SPIN_US", SPIN_US)) * 1000))
     if not _self_test(lib):
         return _unavailable(f"{path} gives wrong products (compiler {cc}); using torch's kernels")
     return lib
+
+
+def _declare(fn, restype, argtypes) -> None:
+    fn.restype, fn.argtypes = restype, argtypes
 
 
 def _unavailable(why: str) -> None:
@@ -147,23 +164,36 @@ def _unavailable(why: str) -> None:
 
 
 def _self_test(lib: ctypes.CDLL) -> bool:
-    """The fresh library against F.linear and F.rms_norm on awkward sizes (a wrong compiler flag
-    shows here)."""
+    """The fresh library against its torch twins on awkward sizes (a wrong compiler flag shows
+    here): F.rms_norm, F.linear (float32 and bfloat16 weights, one and two threads, with and
+    without the SwiGLU input), attention and RoPE."""
     g = torch.Generator().manual_seed(0)
-    x, w, y = torch.randn(3, 77, generator=g), torch.randn(77, generator=g), torch.empty(3, 77)
-    lib.llama4_rms_norm(x.data_ptr(), 77, w.data_ptr(), y.data_ptr(), 3, 77, 1e-5)
-    if not torch.allclose(y, F.rms_norm(x, (77,), w, 1e-5), rtol=1e-5, atol=1e-6):
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-4)  # noqa: E731
+    x, w = torch.randn(3, 77, generator=g), torch.randn(77, generator=g)
+    if not close(_rms_norm(lib, x, 1e-5, w), F.rms_norm(x, (77,), w, 1e-5)):
         return False
     for dtype in (torch.float32, torch.bfloat16):
         for m, n, k, threads in ((1, 67, 133, 1), (5, 64, 256, 1), (11, 9, 40, 1), (3, 301, 257, 2)):
-            x = torch.randn(m, k, generator=g)
+            x = torch.randn(m, 2 * k, generator=g)
             w = torch.randn(n, k, generator=g).to(dtype)
-            y = torch.empty(m, n)
-            bf16 = int(dtype == torch.bfloat16)
-            lib.llama4_few_rows(x.data_ptr(), k, w.data_ptr(), k, bf16, y.data_ptr(), m, n, k, threads)
-            if not torch.allclose(y, F.linear(x, w.float()), rtol=1e-4, atol=1e-4):
+            if not close(_few_rows(lib, x[:, :k], w, False, threads), F.linear(x[:, :k], w.float())):
                 return False
-    return True
+            act = F.silu(x[:, :k]) * x[:, k:]
+            if not close(_few_rows(lib, x, w, True, threads), F.linear(act, w.float())):
+                return False
+    q, kv = torch.randn(2, 4, 1, 20, generator=g), torch.randn(2, 2, 2, 9, 20, generator=g)
+    mask = torch.rand(2, 1, 1, 9, generator=g) < 0.7
+    mask[..., 0] = True
+    ref = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, enable_gqa=True)
+    if not close(_decode_attention(lib, q, kv[0], kv[1], mask, 20**-0.5, 2), ref):
+        return False
+    x, angles = torch.randn(3, 1, 5, 8, generator=g), torch.randn(3, 1, 1, 4, generator=g)
+    pairs = x.unflatten(-1, (4, 2))
+    c, s = angles.cos(), angles.sin()
+    ref = torch.stack((pairs[..., 0] * c - pairs[..., 1] * s, pairs[..., 0] * s + pairs[..., 1] * c), -1)
+    y = x.clone()
+    _rope(lib, y, c, s, 1e-5)
+    return close(y, F.rms_norm(ref.flatten(-2), (8,), None, 1e-5))
 
 
 _enabled = True
@@ -202,35 +232,47 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def few_rows(x: torch.Tensor, weight: torch.Tensor, glu: bool = False) -> torch.Tensor:
     """F.linear(x, weight) (no bias) for x (..., K) with few rows; the result has x's dtype.
 
-    The products accumulate in float32 (bfloat16 inputs are widened exactly), as torch's
-    kernels do; sums run in a different order, so values differ from F.linear by rounding.
+    glu=True: x (..., 2K) holds [gate | up] and the product takes silu(gate) * up (a SwiGLU's
+    down projection, without the three ops that form its input). The products accumulate in
+    float32 (bfloat16 inputs are widened exactly), as torch's kernels do; sums run in a
+    different order, so values differ from F.linear by rounding.
     """
     lib = _library()
-    if lib is None or not supports(x, weight):
+    k = weight.shape[-1] if weight.dim() == 2 else -1
+    if lib is None or not supports(x[..., :k] if glu else x, weight):
         raise ValueError(
             f"few_rows: unsupported x {tuple(x.shape)} {x.dtype} / weight {tuple(weight.shape)} "
             f"{weight.dtype} (or kernels unavailable); check supports() first"
         )
-    if x.shape[-1] != weight.shape[1]:
+    if x.shape[-1] != (2 * k if glu else k):
         raise ValueError(
-            f"few_rows: x has {x.shape[-1]} features, weight {tuple(weight.shape)} expects {weight.shape[1]}"
+            f"few_rows: x has {x.shape[-1]} features, weight {tuple(weight.shape)} expects "
+            f"{'2 x ' if glu else ''}{k}"
         )
     rows = x.reshape(-1, x.shape[-1])
     if rows.dtype != torch.float32:
         rows = rows.float()
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    m, n, k = rows.shape[0], weight.shape[0], weight.shape[1]
-    y = torch.empty(m, n, dtype=torch.float32)
-    lib.llama4_few_rows(
-        rows.data_ptr(), rows.stride(0), weight.data_ptr(), weight.stride(0),
-        int(weight.dtype == torch.bfloat16), y.data_ptr(), m, n, k, torch.get_num_threads(),
-    )  # fmt: skip
-    y = y.view(*x.shape[:-1], n)
+    y = _few_rows(lib, rows, weight, glu, torch.get_num_threads())
+    y = y.view(*x.shape[:-1], weight.shape[0])
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _few_rows(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, glu: bool, threads: int) -> torch.Tensor:
+    """The kernel call: x (M, K or 2K) float32, w (N, K) with contiguous rows -> (M, N)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, (n, k) = x.shape[0], w.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    bf16 = int(w.dtype == torch.bfloat16)
+    status = lib.llama4_few_rows(
+        x.data_ptr(), x.stride(0), int(glu), w.data_ptr(), w.stride(0), bf16, y.data_ptr(), m, n, k, threads
+    )
+    if status:
+        raise MemoryError(f"few_rows: no memory for the SwiGLU input of {tuple(x.shape)}")
+    return y
 
 
 def rms_norm_supports(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
@@ -261,9 +303,13 @@ def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) ->
             f"rms_norm: unsupported x {tuple(x.shape)} {x.dtype} (or kernels unavailable); "
             "check rms_norm_supports() first"
         )
+    if weight is not None and weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight has {weight.shape[0]} elements, x has {x.shape[-1]} features")
+    return _rms_norm(lib, x, eps, weight)
+
+
+def _rms_norm(lib: ctypes.CDLL, x: torch.Tensor, eps: float, weight: torch.Tensor | None) -> torch.Tensor:
     dim = x.shape[-1]
-    if weight is not None and weight.shape[0] != dim:
-        raise ValueError(f"rms_norm: weight has {weight.shape[0]} elements, x has {dim} features")
     rows = x.reshape(-1, dim)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
@@ -273,3 +319,103 @@ def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) ->
         rows.shape[0], dim, eps,
     )  # fmt: skip
     return y
+
+
+def decode_attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
+    """Whether `decode_attention` applies: float32 on CPU, one query per row, head dims
+    contiguous, and a mask (if any) that is one boolean per (row, key)."""
+    return (
+        q.device.type == k.device.type == v.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.float32
+        and q.dim() == k.dim() == v.dim() == 4
+        and q.shape[2] == 1
+        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        and k.shape == v.shape
+        and q.shape[0] == k.shape[0]
+        and q.shape[-1] == k.shape[-1]
+        and k.shape[1] > 0
+        and k.shape[2] > 0
+        and q.shape[1] % k.shape[1] == 0
+        and (
+            mask is None
+            or (
+                mask.dtype == torch.bool
+                and mask.dim() == 4
+                and mask.shape[1] == mask.shape[2] == 1
+                and mask.shape[0] in (1, q.shape[0])
+                and mask.shape[3] == k.shape[2]
+                and mask.stride(3) == 1
+            )
+        )
+        and available()
+    )
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """SDPA of one query per row: q (B, H, 1, Dh), k and v (B, K, S, Dh) (query head h reads
+    key/value head h // (H // K)), mask (B or 1, 1, 1, S) (True = attend) or None -> (B, H, 1, Dh).
+    One call for what torch does in ~10 ops; threads split the (row, key/value head) pairs."""
+    lib = _library()
+    if lib is None or not decode_attention_supports(q, k, v, mask):
+        raise ValueError(
+            f"decode_attention: unsupported q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
+            f"mask {None if mask is None else tuple(mask.shape)}; check decode_attention_supports() first"
+        )
+    return _decode_attention(lib, q, k, v, mask, scale, torch.get_num_threads())
+
+
+def _decode_attention(lib, q, k, v, mask, scale, threads) -> torch.Tensor:
+    B, H, _, Dh = q.shape
+    K, S = k.shape[1], k.shape[2]
+    out = torch.empty(B, H, 1, Dh)
+    m = None if mask is None else mask.view(torch.uint8)
+    status = lib.llama4_decode_attention(
+        q.data_ptr(), q.stride(0), q.stride(1),
+        k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
+        None if m is None else m.data_ptr(), 0 if m is None or m.shape[0] == 1 else m.stride(0),
+        out.data_ptr(), B, H, K, S, Dh, scale, threads,
+    )  # fmt: skip
+    if status:
+        raise MemoryError(f"decode_attention: no memory for {B * K * S} scores")
+    return out
+
+
+def rope_supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `rope_(x, cos, sin)` applies: x (B, T, heads, Dh) float32 on CPU, heads' dims
+    contiguous, at most NORM_MAX_NUMEL elements; cos and sin (B, T, 1, Dh / 2) contiguous."""
+    return (
+        x.device.type == cos.device.type == sin.device.type == "cpu"
+        and x.dtype == cos.dtype == sin.dtype == torch.float32
+        and x.dim() == 4
+        and x.stride(-1) == 1
+        and x.shape[-1] % 2 == 0
+        and (x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1))  # rows
+        and 0 < x.numel() <= NORM_MAX_NUMEL
+        and cos.shape == sin.shape == (*x.shape[:2], 1, x.shape[-1] // 2)
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and available()
+    )
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_eps: float | None = None) -> torch.Tensor:
+    """In place: `llama4.model.layers.apply_rope(x, cos, sin)`, then, if norm_eps is given,
+    `rms_norm(x, norm_eps)` over each head (no weight). Returns x."""
+    lib = _library()
+    if lib is None or not rope_supports(x, cos, sin):
+        raise ValueError(
+            f"rope_: unsupported x {tuple(x.shape)} {x.dtype} / cos {tuple(cos.shape)}; check rope_supports() first"
+        )
+    _rope(lib, x, cos, sin, -1.0 if norm_eps is None else norm_eps)
+    return x
+
+
+def _rope(lib, x, cos, sin, norm_eps) -> None:
+    B, T, heads, Dh = x.shape
+    row_stride = x.stride(1) if T > 1 else x.stride(0)  # (B, T) as B * T rows
+    lib.llama4_rope(
+        x.data_ptr(), B * T, row_stride, heads, x.stride(2), Dh, cos.data_ptr(), sin.data_ptr(), norm_eps
+    )

@@ -1,29 +1,46 @@
 /* CPU kernels for decoding.
  *
  * llama4_few_rows: few-row matrix products, y (M, N) = x (M, K) @ W (N, K)^T, W float32 or
- * bfloat16, x and y float32, M small (one row per sequence being decoded).
+ * bfloat16, x and y float32, M small (one row per sequence being decoded); optionally with x
+ * holding a SwiGLU's [gate | up], the product then takes silu(gate) * up.
+ * llama4_decode_attention: attention of one query per row over a cache (float32).
+ * llama4_rope: RoPE, then optionally the QK norm, in place.
  * llama4_rms_norm: RMS normalisation of a few float32 rows (torch's CPU kernel for it is a chain
  * of ~8 ops: ~60 us for one 1024-wide row, against ~1 us here).
+ * Each replaces several small torch ops of a decode step, whose fixed costs (~5-30 us each, ~100
+ * of them per layer) rivalled the products themselves.
  *
  * A decode step multiplies each weight matrix by a handful of rows, so its speed is the speed at
  * which W streams from memory. Each thread takes one contiguous band of W's rows and reads it
  * front to back: one sequential stream per core, which the hardware prefetchers follow best
- * (on the 2-core AVX-512 machine this was written on: 27-30 GB/s over a decode step's distinct
+ * (on the 2-core AVX-512 machine this was written on: 25-30 GB/s over a decode step's distinct
  * 2-16 MB matrices at one row of x, against 20-25 GB/s for oneDNN's kernel; with 2-3 streams
  * per core it fell to ~22).
  *
  * With several rows of x, each W vector is loaded once and multiplied into every row: blocks of
- * R rows of W times G rows of x, R * G accumulators held in registers. One row of x takes R = 1
- * (the single stream above). Unused accumulators (r >= R or j >= G) are dropped by the compiler:
- * `block` is always inlined with constant R and G.
+ * R rows of W times G rows of x, R * G accumulators held in registers. One or two rows of x take
+ * R = 1 (the single stream above; at two rows 24 GB/s against 20 with R = 3), more rows take
+ * R = RMAX (fewer loads of x per W vector: at 4-8 rows 16-19 GB/s against 10-17 with R = 1).
+ * Unused accumulators (r >= R or j >= G) are dropped by the compiler: `block` is always inlined
+ * with constant R and G.
  *
- * Built by llama4/kernels/__init__.py with the machine's C compiler (-O3 -march=native -fopenmp);
+ * Threads: llama4's own pool (below), not OpenMP: work stealing keeps a product from waiting
+ * for a thread that is slow to wake or descheduled (decoding at one row: 36.8 ms a step against
+ * 44.4 with OpenMP's passive threads; beside a busy process, 43.8 against 42.6).
+ *
+ * Built by llama4/kernels/__init__.py with the machine's C compiler (-O3 -march=native -pthread);
  * the vector width follows the instruction set it was compiled for. GCC/Clang vector extensions,
  * no intrinsics: the same source builds for AVX-512, AVX2 and Arm.
  */
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#include <stdlib.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <time.h>
 
 #if defined(__AVX512F__)
 #define VBYTES 64
@@ -115,33 +132,367 @@ static inline __attribute__((always_inline)) void rows_block(
     }
 }
 
-/* Rows [n0, n1) of W: R = RMAX blocks (R = 1 for a single row of x), then single rows. */
+/* Rows [n0, n1) of W: R = RMAX blocks (R = 1 for one or two rows of x), then single rows. */
 static void band(const float* x, int64_t ldx, const void* w, int64_t ldw, float* y, int64_t n0,
                  int64_t n1, int64_t M, int64_t N, int64_t K, const int bf16) {
     int64_t n = n0;
-    if (M > 1)
+    if (M > 2)
         for (; n + RMAX <= n1; n += RMAX) rows_block(x, ldx, w, ldw, y, n, M, N, K, RMAX, bf16);
     for (; n < n1; n++) rows_block(x, ldx, w, ldw, y, n, M, N, K, 1, bf16);
 }
 
-/* y (M, N) contiguous = x (M, K; row stride ldx) @ W (N, K; row stride ldw)^T.
- * w_bf16: W holds bfloat16 (else float32). Splits W's rows over `threads` OpenMP threads. */
-void llama4_few_rows(const float* x, int64_t ldx, const void* w, int64_t ldw, int w_bf16, float* y,
-                     int64_t M, int64_t N, int64_t K, int threads) {
-    if (threads < 1) threads = 1;
-#pragma omp parallel num_threads(threads) if (threads > 1 && N >= 2 * threads && N * K >= 65536)
-    {
-        int t = 0, T = 1;
-#ifdef _OPENMP
-        extern int omp_get_thread_num(void), omp_get_num_threads(void);
-        t = omp_get_thread_num();
-        T = omp_get_num_threads();
+/* ------------------------------------------------------------------------------------------
+ * Thread pool. A product is cut into chunks of W's rows; thread t owns the t-th contiguous band
+ * of chunks and takes them front to back (one stream per core); a thread whose band is empty
+ * takes the last untaken chunk of another band. So a thread that the OS has descheduled (a busy
+ * machine) delays a product by at most the chunk it is in, never by its whole band: the others
+ * take the rest. Between jobs, workers spin for a short while (a decode step issues a product
+ * every ~100 us; waking a sleeping thread costs tens of microseconds, more in a VM), then sleep.
+ *
+ * Each band is one 64-bit word, (job << 44) | (lo << 22) | hi: claims are compare-and-swaps on
+ * it, so a worker that wakes late for an old job cannot take chunks of a newer one (the job
+ * number differs) and the caller never waits for a worker that took nothing.
+ * ------------------------------------------------------------------------------------------ */
+#define POOL_MAX 64              /* threads per product, the caller included */
+#define CHUNK_BITS 22            /* at most 4M chunks per job */
+#define CHUNK_MASK ((1ull << CHUNK_BITS) - 1)
+#define JOB_MASK ((1ull << (64 - 2 * CHUNK_BITS)) - 1)
+
+typedef void (*chunk_fn)(const void* args, int64_t chunk);
+
+typedef struct {
+    _Alignas(64) _Atomic uint64_t word; /* one cache line each */
+} band_t;
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake;
+    pthread_mutex_t submit; /* one job at a time (callers on several threads queue here) */
+    int workers;            /* started so far (they never exit) */
+    _Alignas(64) _Atomic uint64_t job; /* number of the current job; workers watch it */
+    _Atomic int sleeping;
+    chunk_fn fn;
+    const void* args;
+    _Alignas(64) _Atomic int64_t done; /* chunks finished in the current job */
+    _Atomic int64_t spin_ns;
+    band_t band[POOL_MAX];
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER,
+          .wake = PTHREAD_COND_INITIALIZER,
+          .submit = PTHREAD_MUTEX_INITIALIZER};
+
+static inline uint64_t band_word(uint64_t job, uint64_t lo, uint64_t hi) {
+    return ((job & JOB_MASK) << (2 * CHUNK_BITS)) | (lo << CHUNK_BITS) | hi;
+}
+
+/* Take a chunk of band b for `job`: its first (front) or last untaken one. -1 when none. */
+static int64_t claim(band_t* b, uint64_t job, int front) {
+    uint64_t w = atomic_load_explicit(&b->word, memory_order_acquire);
+    for (;;) {
+        uint64_t lo = (w >> CHUNK_BITS) & CHUNK_MASK, hi = w & CHUNK_MASK;
+        if ((w >> (2 * CHUNK_BITS)) != (job & JOB_MASK) || lo >= hi) return -1;
+        uint64_t next = front ? band_word(job, lo + 1, hi) : band_word(job, lo, hi - 1);
+        if (atomic_compare_exchange_weak_explicit(&b->word, &w, next, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            return front ? (int64_t)lo : (int64_t)hi - 1;
+    }
+}
+
+/* Thread t's share of `job` over T bands: its own band, then the others' leftovers. */
+static void work(int t, int T, uint64_t job) {
+    int64_t c, n = 0;
+    chunk_fn fn = NULL;
+    const void* args = NULL;
+    for (int i = 0; i < T; i++) {
+        band_t* b = &pool.band[(t + i) % T];
+        while ((c = claim(b, job, i == 0)) >= 0) {
+            if (!fn) { /* a claim succeeded: the job is live, so fn and args are this job's */
+                fn = pool.fn;
+                args = pool.args;
+            }
+            fn(args, c);
+            n++;
+        }
+    }
+    if (n) atomic_fetch_add_explicit(&pool.done, n, memory_order_release);
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void* worker(void* arg) {
+    const int t = (int)(intptr_t)arg;
+    uint64_t seen = atomic_load(&pool.job);
+    for (;;) {
+        uint64_t job;
+        int64_t start = now_ns(), spins = 0;
+        while ((job = atomic_load_explicit(&pool.job, memory_order_acquire)) == seen) {
+            if ((spins++ & 255) == 0 && now_ns() - start >= atomic_load_explicit(&pool.spin_ns, memory_order_relaxed)) {
+                pthread_mutex_lock(&pool.mu);
+                atomic_fetch_add(&pool.sleeping, 1);
+                while ((job = atomic_load(&pool.job)) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+                atomic_fetch_sub(&pool.sleeping, 1);
+                pthread_mutex_unlock(&pool.mu);
+                break;
+            }
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#elif defined(__aarch64__)
+            __asm__ __volatile__("yield");
 #endif
-        int64_t n0 = N * t / T, n1 = N * (t + 1) / T;
-        if (w_bf16)
-            band(x, ldx, w, ldw, y, n0, n1, M, N, K, 1);
-        else
-            band(x, ldx, w, ldw, y, n0, n1, M, N, K, 0);
+        }
+        seen = job;
+        if (t > (int)(job >> 56)) continue; /* not needed for this job */
+        work(t, (int)(job >> 56) + 1, job & ((1ull << 56) - 1));
+    }
+    return NULL;
+}
+
+/* A forked child has none of the parent's workers: start afresh (claims still complete every
+ * job without them, the caller takes all chunks, but the locks may have been held mid-fork). */
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_mutex_init(&pool.submit, NULL);
+    pool.workers = 0;
+    atomic_store(&pool.sleeping, 0);
+}
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+/* Run fn(args, c) for c in [0, n) on up to T threads (the caller is one of them). */
+static void parallel(chunk_fn fn, const void* args, int64_t n, int T) {
+    if (T > POOL_MAX) T = POOL_MAX;
+    if (T > n) T = (int)n;
+    if (T <= 1 || n > (int64_t)CHUNK_MASK) {
+        for (int64_t c = 0; c < n; c++) fn(args, c);
+        return;
+    }
+    pthread_once(&pool_once, pool_init);
+    pthread_mutex_lock(&pool.submit);
+    if (pool.workers < T - 1) { /* workers take no signals (Ctrl-C goes to the caller) */
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        while (pool.workers < T - 1) {
+            pthread_t th;
+            if (pthread_create(&th, NULL, worker, (void*)(intptr_t)(pool.workers + 1)) != 0) break;
+            pthread_detach(th);
+            pool.workers++;
+        }
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    }
+    if (T > pool.workers + 1) T = pool.workers + 1;
+    uint64_t job = ((atomic_load(&pool.job) & ((1ull << 56) - 1)) + 1) & ((1ull << 56) - 1);
+    pool.fn = fn;
+    pool.args = args;
+    atomic_store(&pool.done, 0);
+    for (int t = 0; t < T; t++)
+        atomic_store_explicit(&pool.band[t].word, band_word(job, n * t / T, n * (t + 1) / T),
+                              memory_order_release);
+    atomic_store(&pool.job, ((uint64_t)(T - 1) << 56) | job); /* seq_cst: see `sleeping` below */
+    if (atomic_load(&pool.sleeping)) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    work(0, T, job);
+    /* Only chunks other threads are inside remain: wait for them (yielding now and then, in
+     * case one of them waits for this core). */
+    for (int64_t spins = 1; atomic_load_explicit(&pool.done, memory_order_acquire) < n; spins++) {
+        if ((spins & 4095) == 0) sched_yield();
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+    pthread_mutex_unlock(&pool.submit);
+}
+
+/* How long idle workers spin before they sleep (see the pool's comment). */
+void llama4_set_spin(int64_t ns) { atomic_store(&pool.spin_ns, ns); }
+
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    const float* x;
+    int64_t ldx;
+    const void* w;
+    int64_t ldw;
+    int bf16;
+    float* y;
+    int64_t M, N, K, rows_per_chunk;
+} few_rows_args;
+
+static void few_rows_chunk(const void* p, int64_t c) {
+    const few_rows_args* a = p;
+    int64_t n0 = c * a->rows_per_chunk, n1 = n0 + a->rows_per_chunk < a->N ? n0 + a->rows_per_chunk : a->N;
+    if (a->bf16)
+        band(a->x, a->ldx, a->w, a->ldw, a->y, n0, n1, a->M, a->N, a->K, 1);
+    else
+        band(a->x, a->ldx, a->w, a->ldw, a->y, n0, n1, a->M, a->N, a->K, 0);
+}
+
+typedef int32_t vi __attribute__((vector_size(VBYTES)));
+
+/* exp(x) for VL floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for exactness), exp(r)
+ * by its degree-7 Taylor polynomial (relative error < 1e-8 before rounding), times 2^n built in
+ * the exponent bits. Inputs are clamped to [-87, 88], where float exp neither overflows nor goes
+ * subnormal. Within 2 ulp of expf; the compiler vectorises no libm exp without -ffast-math (which
+ * would break the -inf masking in attention). */
+static inline vf vexp(vf x) {
+    const vi over = x > 88.f, under = x < -87.f; /* lanes all ones where true */
+    const vf hi = (vf){0} + 88.f, lo = (vf){0} + -87.f;
+    x = (vf)(((vi)x & ~(over | under)) | ((vi)hi & over) | ((vi)lo & under));
+    const float magic = 12582912.f; /* 1.5 * 2^23: adding it rounds to an integer */
+    vf n = (x * 1.44269504088896341f + magic) - magic;
+    vf r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+    vf p = (vf){0} + (1.f / 5040.f);
+    p = p * r + (1.f / 720.f);
+    p = p * r + (1.f / 120.f);
+    p = p * r + (1.f / 24.f);
+    p = p * r + (1.f / 6.f);
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)bits;
+}
+
+/* act[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i] for n floats. */
+static void silu_times(const float* gate, const float* up, float* act, int64_t n) {
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        const vf g = *(const vf*)(gate + i);
+        *(vf*)(act + i) = g / (1.f + vexp(-g)) * *(const vf*)(up + i);
+    }
+    for (; i < n; i++) act[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+}
+
+/* y (M, N) contiguous = x (M, K; row stride ldx) @ W (N, K; row stride ldw)^T.
+ * w_bf16: W holds bfloat16 (else float32). glu: x rows hold [gate | up] (2K floats) and the
+ * product takes silu(gate) * up (the SwiGLU's input to its down projection), formed here first.
+ * Chunks of ~64 KB of W (whole register blocks) are spread over `threads` threads. */
+int llama4_few_rows(const float* x, int64_t ldx, int glu, const void* w, int64_t ldw, int w_bf16,
+                    float* y, int64_t M, int64_t N, int64_t K, int threads) {
+    float* act = NULL;
+    if (M <= 0 || N <= 0) return 0;
+    if (glu) {
+        act = malloc(sizeof(float) * M * K);
+        if (!act) return -1;
+        for (int64_t m = 0; m < M; m++) silu_times(x + m * ldx, x + m * ldx + K, act + m * K, K);
+        x = act;
+        ldx = K;
+    }
+    int64_t row_bytes = K * (w_bf16 ? 2 : 4);
+    int64_t rows = (65536 / row_bytes) / RMAX * RMAX;
+    if (rows < RMAX) rows = RMAX;
+    few_rows_args a = {x, ldx, w, ldw, w_bf16, y, M, N, K, rows};
+    parallel(few_rows_chunk, &a, (N + rows - 1) / rows, N * K >= 65536 ? threads : 1);
+    free(act);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Attention of one query per row (decoding), float32: out[b, h] = softmax(scale * q[b, h] . k[b, h / G, s]
+ * over the s allowed by mask[b, s]) @ v[b, h / G], G = H / K query heads per key/value head.
+ * q (B, H, Dh) with strides (qb, qh); k, v (B, K, S, Dh) with strides (kb, kk, ks); mask
+ * (B, S) bytes (row stride mb, 0: one row for all; NULL: all allowed); out (B, H, Dh) contiguous.
+ * One chunk per (row, key/value head): its G query heads share one pass over its keys and one
+ * over its values.
+ * ------------------------------------------------------------------------------------------ */
+typedef struct {
+    const float *q, *k, *v;
+    int64_t qb, qh, kb, kk, ks, vb, vk, vs;
+    const uint8_t* mask;
+    int64_t mb;
+    float* out;
+    int64_t H, K, S, Dh;
+    float scale;
+    float* scores; /* (B * K, G, S) scratch */
+} attention_args;
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+    vf acc = {0};
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) acc += *(const vf*)(a + i) * *(const vf*)(b + i);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void attention_chunk(const void* p, int64_t c) {
+    const attention_args* a = p;
+    const int64_t b = c / a->K, kh = c % a->K, G = a->H / a->K, S = a->S, Dh = a->Dh;
+    const float* kc = a->k + b * a->kb + kh * a->kk;
+    const float* vc = a->v + b * a->vb + kh * a->vk;
+    const float* q = a->q + b * a->qb + kh * G * a->qh; /* query heads kh * G .. kh * G + G - 1 */
+    const uint8_t* mask = a->mask ? a->mask + b * a->mb : NULL;
+    float* sc = a->scores + c * G * S; /* (G, S) */
+    float* out = a->out + (b * a->H + kh * G) * Dh;
+    for (int64_t s = 0; s < S; s++) /* one pass over the keys for all G heads */
+        for (int64_t g = 0; g < G; g++)
+            sc[g * S + s] = mask && !mask[s] ? -INFINITY : dot(q + g * a->qh, kc + s * a->ks, Dh) * a->scale;
+    for (int64_t g = 0; g < G; g++) { /* softmax per head; a row that may attend nowhere gets 0 */
+        float* sg = sc + g * S;
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t s = 0; s < S; s++) mx = sg[s] > mx ? sg[s] : mx;
+        for (int64_t s = 0; s < S; s++) sum += sg[s] = mx == -INFINITY ? 0.f : expf(sg[s] - mx);
+        for (int64_t s = 0; s < S; s++) sg[s] = sum > 0.f ? sg[s] / sum : 0.f;
+    }
+    memset(out, 0, sizeof(float) * G * Dh);
+    for (int64_t s = 0; s < S; s++) { /* one pass over the values */
+        const float* vr = vc + s * a->vs;
+        for (int64_t g = 0; g < G; g++) {
+            const float pr = sc[g * S + s];
+            float* o = out + g * Dh;
+            if (pr == 0.f) continue;
+            int64_t d = 0;
+            for (; d + VL <= Dh; d += VL) *(vf*)(o + d) += pr * *(const vf*)(vr + d);
+            for (; d < Dh; d++) o[d] += pr * vr[d];
+        }
+    }
+}
+
+int llama4_decode_attention(const float* q, int64_t qb, int64_t qh, const float* k, int64_t kb, int64_t kk,
+                            int64_t ks, const float* v, int64_t vb, int64_t vk, int64_t vs,
+                            const uint8_t* mask, int64_t mb, float* out, int64_t B, int64_t H, int64_t K,
+                            int64_t S, int64_t Dh, float scale, int threads) {
+    if (B <= 0 || S <= 0) return -2;
+    float* scores = malloc(sizeof(float) * B * H * S); /* as many as torch's scores tensor */
+    if (!scores) return -1;
+    attention_args a = {q, k, v, qb, qh, kb, kk, ks, vb, vk, vs, mask, mb, out, H, K, S, Dh, scale, scores};
+    parallel(attention_chunk, &a, B * K, B * H * S * Dh >= 65536 ? threads : 1);
+    free(scores);
+    return 0;
+}
+
+/* In place: rotate the interleaved pairs (0,1), (2,3), ... of each head of each row by the row's
+ * angles (RoPE, the complex-number convention), then, if norm_eps >= 0, RMS-normalise each head
+ * (no weight: Llama 4's QK norm). x (rows, heads, Dh) with strides (ldr, ldh); cos, sin
+ * (rows, Dh / 2) contiguous. */
+void llama4_rope(float* x, int64_t rows, int64_t ldr, int64_t heads, int64_t ldh, int64_t Dh,
+                 const float* cos, const float* sin, float norm_eps) {
+    const int64_t half = Dh / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + r * half, *s = sin + r * half;
+        for (int64_t h = 0; h < heads; h++) {
+            float* xh = x + r * ldr + h * ldh;
+            float ss = 0.f;
+            for (int64_t i = 0; i < half; i++) {
+                const float x0 = xh[2 * i], x1 = xh[2 * i + 1];
+                const float y0 = x0 * c[i] - x1 * s[i], y1 = x0 * s[i] + x1 * c[i];
+                xh[2 * i] = y0;
+                xh[2 * i + 1] = y1;
+                ss += y0 * y0 + y1 * y1;
+            }
+            if (norm_eps >= 0.f) {
+                const float scale = 1.0f / sqrtf(ss / (float)Dh + norm_eps);
+                for (int64_t i = 0; i < Dh; i++) xh[i] *= scale;
+            }
+        }
     }
 }
 

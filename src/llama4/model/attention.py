@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama4.config import TextConfig
-from llama4.model.layers import Linear, apply_rope, linear, rms_norm
+from llama4 import kernels
+from llama4.model.layers import Linear, linear, rope_and_norm
 
 
 class AttentionCache(Protocol):
@@ -79,6 +80,12 @@ def decode_attention(
     stacked as rows, so GQA needs no copy of k and v.
     """
     B, H, _, Dh = q.shape
+    if (
+        not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and kernels.decode_attention_supports(q, k, v, mask)
+    ):
+        return kernels.decode_attention(q, k, v, mask, Dh**-0.5)  # the same in one compiled call
     K, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, K, H // K, Dh)  # heads g*K..: head h uses kv head h // (H // K)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * Dh**-0.5  # (B, K, G, S)
@@ -118,10 +125,8 @@ class Attention(nn.Module):
         qk, v = self._project(x)
         qk = qk.unflatten(-1, (H + K, Dh))  # (B, T, H + K, Dh): queries and keys rotate together
         v = v.unflatten(-1, (K, Dh))
-        if not self.is_global:
-            qk = apply_rope(qk, *rope)
-            if self.use_qk_norm:  # after RoPE, as in the reference
-                qk = rms_norm(qk, self.norm_eps)
+        if not self.is_global:  # the QK norm comes after RoPE, as in the reference
+            qk = rope_and_norm(qk, *rope, self.norm_eps if self.use_qk_norm else None)
         q, k = qk.split((H, K), dim=2)
         if self.temperature_tuning:  # global layers only
             # Scalable-softmax-like query scaling; exactly 1 below floor_scale - 1 positions.

@@ -60,19 +60,49 @@ FEW_ROWS = kernels.MAX_ROWS
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) without bias; few-row inference products on CPU take a faster kernel."""
-    if (
+def _few_rows_inference(x: torch.Tensor) -> bool:
+    """Whether x is a decode-sized inference input on CPU (the compiled kernels' domain)."""
+    return (
         x.device.type == "cpu"
         and x.numel() <= FEW_ROWS * x.shape[-1]
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()  # Inductor cannot lower these kernels
-    ):
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) without bias; few-row inference products on CPU take a faster kernel."""
+    if _few_rows_inference(x):
         if kernels.supports(x, weight):
             return kernels.few_rows(x, weight)
         if _ONEDNN and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous():
             return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
+
+
+def glu_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """linear(silu(gate) * up, weight) for h = [gate | up]: the second half of a SwiGLU. Few-row
+    inference products on CPU form silu(gate) * up inside the product kernel (three ops fewer)."""
+    if _few_rows_inference(h) and kernels.supports(h[..., : weight.shape[-1]], weight):
+        return kernels.few_rows(h, weight, glu=True)
+    gate, up = h.chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, weight)
+
+
+def rope_and_norm(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_eps: float | None
+) -> torch.Tensor:
+    """apply_rope(x, cos, sin), then, if norm_eps is given, rms_norm over each head (no weight).
+    Small float32 inference inputs on CPU take one compiled call, in place (x is the fresh
+    output of a projection)."""
+    if (
+        not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and kernels.rope_supports(x, cos, sin)
+    ):
+        return kernels.rope_(x, cos, sin, norm_eps)
+    x = apply_rope(x, cos, sin)
+    return x if norm_eps is None else rms_norm(x, norm_eps)
 
 
 class Linear(nn.Linear):
@@ -99,8 +129,12 @@ class FeedForward(nn.Module):
         fused = self.fused_gate_up.current() if self.fused_gate_up is not None else None
         if fused is None:  # not prepared, training, compiling, or weights replaced since
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = linear(x, fused).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        down = self.down_proj
+        if type(down) is not Linear or down._forward_hooks or down._forward_pre_hooks:
+            # e.g. LoRA-parametrized, or hooked: call the module
+            gate, up = linear(x, fused).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        return glu_linear(linear(x, fused), down.weight)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama4.config import TextConfig
-from llama4.model.layers import FeedForward, linear
+from llama4.model.layers import FeedForward, glu_linear, linear
 
 # Up to this many (token, expert) pairs, inference on CPU loops over the chosen experts
 # (MoE._forward_few) instead of sorting tokens into a grouped GEMM.
@@ -51,7 +51,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:  # x: (N, D)
         f32 = torch.float32
-        logits = F.linear(  # the router runs in float32
+        logits = linear(  # the router runs in float32
             x if x.dtype == f32 else x.float(),
             self.weight if self.weight.dtype == f32 else self.weight.float(),
         )
@@ -93,8 +93,7 @@ class Experts(nn.Module):
     def forward_one(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e on tokens x (n, D) -> (n, D). (Weights stored transposed, as
         `prepare_for_inference` does on CPU, take the faster few-row kernel.)"""
-        gate, up = linear(x, self.gate_up_proj[e].t()).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down_proj[e].t())
+        return glu_linear(linear(x, self.gate_up_proj[e].t()), self.down_proj[e].t())
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every token: (E, N, D) -> (E, N, D)."""
