@@ -112,7 +112,9 @@ def test_few_rows_glu_equals_silu_gate_times_up(threads, dtype, n, k):
 def test_glu_activation_is_silu_to_the_last_bits():
     """The kernel's own vectorised exp, checked element by element (an identity weight returns
     silu(gate) * up itself) from far negative to far positive gates, vector tails included."""
-    gate = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([0.0, -0.0, 1e-30, 87.5, -87.5, 89.0, -89.0])])
+    gate = torch.cat(
+        [torch.linspace(-100, 100, 20001), torch.tensor([0.0, -0.0, 1e-30, 87.5, -87.5, 89.0, -89.0])]
+    )
     g = torch.Generator().manual_seed(0)
     gate = gate[torch.randperm(gate.numel(), generator=g)]
     up = torch.rand(gate.numel(), generator=g) + 0.5
@@ -152,7 +154,9 @@ def test_decode_attention_refuses_what_it_does_not_do():
     assert not kernels.decode_attention_supports(torch.randn(2, 4, 3, 16), k, k, None)  # 3 queries per row
     assert not kernels.decode_attention_supports(q, k.bfloat16(), k.bfloat16(), None)
     assert not kernels.decode_attention_supports(torch.randn(2, 3, 1, 16), k, k, None)  # 3 heads over 2
-    assert not kernels.decode_attention_supports(q, k, k, torch.ones(2, 4, 1, 5, dtype=torch.bool))  # per head
+    assert not kernels.decode_attention_supports(
+        q, k, k, torch.ones(2, 4, 1, 5, dtype=torch.bool)
+    )  # per head
     assert not kernels.decode_attention_supports(q, k, k, torch.ones(2, 1, 1, 5))  # not boolean
     assert not kernels.decode_attention_supports(q, k[:, :, :0], k[:, :, :0], None)  # nothing to attend to
     with pytest.raises(ValueError, match="unsupported"):
@@ -287,7 +291,13 @@ def test_glu_and_rope_layers_take_the_kernels_only_for_small_inference_inputs(mo
     x, angles = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 1, 4)
     with torch.inference_mode():
         assert rel(glu_linear(h, w), F.linear(F.silu(gate) * up, w)) <= 1e-5
-        assert rel(rope_and_norm(x.clone(), angles.cos(), angles.sin(), None), apply_rope(x, angles.cos(), angles.sin())) <= 1e-5
+        assert (
+            rel(
+                rope_and_norm(x.clone(), angles.cos(), angles.sin(), None),
+                apply_rope(x, angles.cos(), angles.sin()),
+            )
+            <= 1e-5
+        )
         glu_linear(torch.randn(kernels.MAX_ROWS + 1, 64), w)  # prefill-sized: torch
     glu_linear(h, w.requires_grad_())  # autograd on: torch
     rope_and_norm(x, angles.cos(), angles.sin(), 1e-5)

@@ -401,7 +401,9 @@ def rope_supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool
     )
 
 
-def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_eps: float | None = None) -> torch.Tensor:
+def rope_(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_eps: float | None = None
+) -> torch.Tensor:
     """In place: `llama4.model.layers.apply_rope(x, cos, sin)`, then, if norm_eps is given,
     `rms_norm(x, norm_eps)` over each head (no weight). Returns x."""
     lib = _library()

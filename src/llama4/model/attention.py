@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama4.config import TextConfig
 from llama4 import kernels
+from llama4.config import TextConfig
 from llama4.model.layers import Linear, linear, rope_and_norm
 
 
