@@ -132,7 +132,7 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,  # threads
     ])  # fmt: skip
     _declare(lib.llama4_rms_norm, None, [
-        ptr, i64, ptr, ptr,  # x, its row stride, w, y
+        ptr, i64, ptr, ptr, ctypes.c_int,  # x, its row stride, w, y, whether bfloat16
         i64, i64, ctypes.c_float,  # rows, dim, eps
     ])  # fmt: skip
     _declare(lib.llama4_decode_attention, ctypes.c_int, [
@@ -140,11 +140,13 @@ def _library() -> ctypes.CDLL | None:
         ptr, i64, i64, i64,  # k and its strides (row, head, position)
         ptr, i64, i64, i64,  # v and its strides
         ptr, i64,  # mask and its row stride
-        ptr, i64, i64, i64, i64, i64,  # out, B, H, K, S, Dh
+        ptr, ctypes.c_int,  # out, whether q, k, v and out are bfloat16
+        i64, i64, i64, i64, i64,  # B, H, K, S, Dh
         ctypes.c_float, ctypes.c_int,  # scale, threads
     ])  # fmt: skip
     _declare(lib.llama4_rope, None, [
-        ptr, i64, i64, i64, i64, i64,  # x, rows, row stride, heads, head stride, Dh
+        ptr, ctypes.c_int,  # x, whether bfloat16
+        i64, i64, i64, i64, i64,  # rows, row stride, heads, head stride, Dh
         ptr, ptr, ctypes.c_float,  # cos, sin, norm eps (< 0: no norm)
     ])  # fmt: skip
     _declare(lib.llama4_set_spin, None, [i64])
@@ -275,18 +277,21 @@ def _few_rows(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, glu: bool, thr
     return y
 
 
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def rms_norm_supports(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    """Whether `rms_norm(x, eps, weight)` applies: float32 on CPU, at most NORM_MAX_NUMEL
-    elements, weight None or a float32 vector."""
+    """Whether `rms_norm(x, eps, weight)` applies: float32 or bfloat16 on CPU, at most
+    NORM_MAX_NUMEL elements, weight None or a vector of x's dtype."""
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in _DTYPES
         and 0 < x.numel() <= NORM_MAX_NUMEL
         and (
             weight is None
             or (
                 weight.device.type == "cpu"
-                and weight.dtype == torch.float32
+                and weight.dtype == x.dtype
                 and weight.dim() == 1
                 and weight.is_contiguous()
             )
@@ -296,7 +301,8 @@ def rms_norm_supports(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
 
 
 def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """F.rms_norm(x, (x.shape[-1],), weight, eps) for small float32 inputs, in one call."""
+    """`llama4.model.layers.rms_norm(x, eps, weight)` for small inputs, in one call: F.rms_norm
+    for float32; for bfloat16, normalised in float32, rounded, then scaled (as the reference)."""
     lib = _library()
     if lib is None or not rms_norm_supports(x, weight):
         raise ValueError(
@@ -313,20 +319,21 @@ def _rms_norm(lib: ctypes.CDLL, x: torch.Tensor, eps: float, weight: torch.Tenso
     rows = x.reshape(-1, dim)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    y = torch.empty(x.shape, dtype=torch.float32)
+    y = torch.empty(x.shape, dtype=x.dtype)
     lib.llama4_rms_norm(
         rows.data_ptr(), rows.stride(0), None if weight is None else weight.data_ptr(), y.data_ptr(),
-        rows.shape[0], dim, eps,
+        int(x.dtype == torch.bfloat16), rows.shape[0], dim, eps,
     )  # fmt: skip
     return y
 
 
 def decode_attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
-    """Whether `decode_attention` applies: float32 on CPU, one query per row, head dims
-    contiguous, and a mask (if any) that is one boolean per (row, key)."""
+    """Whether `decode_attention` applies: float32 or bfloat16 (all three alike) on CPU, one query
+    per row, head dims contiguous, and a mask (if any) that is one boolean per (row, key)."""
     return (
         q.device.type == k.device.type == v.device.type == "cpu"
-        and q.dtype == k.dtype == v.dtype == torch.float32
+        and q.dtype == k.dtype == v.dtype
+        and q.dtype in _DTYPES
         and q.dim() == k.dim() == v.dim() == 4
         and q.shape[2] == 1
         and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
@@ -355,8 +362,9 @@ def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """SDPA of one query per row: q (B, H, 1, Dh), k and v (B, K, S, Dh) (query head h reads
-    key/value head h // (H // K)), mask (B or 1, 1, 1, S) (True = attend) or None -> (B, H, 1, Dh).
-    One call for what torch does in ~10 ops; threads split the (row, key/value head) pairs."""
+    key/value head h // (H // K)), mask (B or 1, 1, 1, S) (True = attend) or None -> (B, H, 1, Dh),
+    in q's dtype (bfloat16 inputs are computed in float32, as SDPA's CPU kernel does). One call
+    for what torch does in ~10 ops; threads split the (row, key/value head) pairs."""
     lib = _library()
     if lib is None or not decode_attention_supports(q, k, v, mask):
         raise ValueError(
@@ -369,14 +377,14 @@ def decode_attention(
 def _decode_attention(lib, q, k, v, mask, scale, threads) -> torch.Tensor:
     B, H, _, Dh = q.shape
     K, S = k.shape[1], k.shape[2]
-    out = torch.empty(B, H, 1, Dh)
+    out = torch.empty(B, H, 1, Dh, dtype=q.dtype)
     m = None if mask is None else mask.view(torch.uint8)
     status = lib.llama4_decode_attention(
         q.data_ptr(), q.stride(0), q.stride(1),
         k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
         None if m is None else m.data_ptr(), 0 if m is None or m.shape[0] == 1 else m.stride(0),
-        out.data_ptr(), B, H, K, S, Dh, scale, threads,
+        out.data_ptr(), int(q.dtype == torch.bfloat16), B, H, K, S, Dh, scale, threads,
     )  # fmt: skip
     if status:
         raise MemoryError(f"decode_attention: no memory for {B * K * S} scores")
@@ -384,11 +392,13 @@ def _decode_attention(lib, q, k, v, mask, scale, threads) -> torch.Tensor:
 
 
 def rope_supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether `rope_(x, cos, sin)` applies: x (B, T, heads, Dh) float32 on CPU, heads' dims
-    contiguous, at most NORM_MAX_NUMEL elements; cos and sin (B, T, 1, Dh / 2) contiguous."""
+    """Whether `rope_(x, cos, sin)` applies: x (B, T, heads, Dh) float32 or bfloat16 on CPU, heads'
+    dims contiguous, at most NORM_MAX_NUMEL elements; cos and sin (B, T, 1, Dh / 2) float32
+    contiguous."""
     return (
         x.device.type == cos.device.type == sin.device.type == "cpu"
-        and x.dtype == cos.dtype == sin.dtype == torch.float32
+        and x.dtype in _DTYPES
+        and cos.dtype == sin.dtype == torch.float32
         and x.dim() == 4
         and x.stride(-1) == 1
         and x.shape[-1] % 2 == 0
@@ -419,5 +429,14 @@ def _rope(lib, x, cos, sin, norm_eps) -> None:
     B, T, heads, Dh = x.shape
     row_stride = x.stride(1) if T > 1 else x.stride(0)  # (B, T) as B * T rows
     lib.llama4_rope(
-        x.data_ptr(), B * T, row_stride, heads, x.stride(2), Dh, cos.data_ptr(), sin.data_ptr(), norm_eps
+        x.data_ptr(),
+        int(x.dtype == torch.bfloat16),
+        B * T,
+        row_stride,
+        heads,
+        x.stride(2),
+        Dh,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        norm_eps,
     )

@@ -3,9 +3,9 @@
  * llama4_few_rows: few-row matrix products, y (M, N) = x (M, K) @ W (N, K)^T, W float32 or
  * bfloat16, x and y float32, M small (one row per sequence being decoded); optionally with x
  * holding a SwiGLU's [gate | up], the product then takes silu(gate) * up.
- * llama4_decode_attention: attention of one query per row over a cache (float32).
+ * llama4_decode_attention: attention of one query per row over a cache.
  * llama4_rope: RoPE, then optionally the QK norm, in place.
- * llama4_rms_norm: RMS normalisation of a few float32 rows (torch's CPU kernel for it is a chain
+ * llama4_rms_norm: RMS normalisation of a few rows (torch's CPU kernel for it is a chain
  * of ~8 ops: ~60 us for one 1024-wide row, against ~1 us here).
  * Each replaces several small torch ops of a decode step, whose fixed costs (~5-30 us each, ~100
  * of them per layer) rivalled the products themselves.
@@ -404,37 +404,62 @@ int llama4_few_rows(const float* x, int64_t ldx, int glu, const void* w, int64_t
  * over its values.
  * ------------------------------------------------------------------------------------------ */
 typedef struct {
-    const float *q, *k, *v;
+    const void *q, *k, *v; /* float32, or bfloat16 when bf16 */
     int64_t qb, qh, kb, kk, ks, vb, vk, vs;
     const uint8_t* mask;
     int64_t mb;
-    float* out;
+    void* out;
     int64_t H, K, S, Dh;
     float scale;
-    float* scores; /* (B * K, G, S) scratch */
+    int bf16;
+    float* scratch; /* per chunk: scores (G, S), queries (G, Dh), outputs (G, Dh) in float32 */
 } attention_args;
 
-static inline float dot(const float* a, const float* b, int64_t n) {
+/* Round to the nearest bfloat16 (ties to even), as torch's casts do; NaN stays NaN. */
+static inline uint16_t to_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    if ((b & 0x7fffffff) > 0x7f800000) return (uint16_t)((b >> 16) | 0x40);
+    return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
+}
+
+/* The float32 value that storing f in the tensor's dtype leaves (bfloat16 rounds). */
+static inline float as_stored(float f, const int bf16) {
+    if (!bf16) return f;
+    uint32_t b = (uint32_t)to_bf16(f) << 16;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+static inline void store(void* p, int64_t i, float f, const int bf16) {
+    if (bf16)
+        ((uint16_t*)p)[i] = to_bf16(f);
+    else
+        ((float*)p)[i] = f;
+}
+
+/* a (float32) . row of w at idx (float32 or bfloat16), n elements. */
+static inline float dot(const float* a, const void* w, int64_t idx, int64_t n, const int bf16) {
     vf acc = {0};
     int64_t i = 0;
-    for (; i + VL <= n; i += VL) acc += *(const vf*)(a + i) * *(const vf*)(b + i);
+    for (; i + VL <= n; i += VL) acc += *(const vf*)(a + i) * load_w(w, idx + i, bf16);
     float s = hsum(acc);
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++) s += a[i] * w_at(w, idx + i, bf16);
     return s;
 }
 
-static void attention_chunk(const void* p, int64_t c) {
-    const attention_args* a = p;
+static inline __attribute__((always_inline)) void attention_rows(const attention_args* a, int64_t c, const int bf16) {
     const int64_t b = c / a->K, kh = c % a->K, G = a->H / a->K, S = a->S, Dh = a->Dh;
-    const float* kc = a->k + b * a->kb + kh * a->kk;
-    const float* vc = a->v + b * a->vb + kh * a->vk;
-    const float* q = a->q + b * a->qb + kh * G * a->qh; /* query heads kh * G .. kh * G + G - 1 */
+    const int64_t k0 = b * a->kb + kh * a->kk, v0 = b * a->vb + kh * a->vk;
     const uint8_t* mask = a->mask ? a->mask + b * a->mb : NULL;
-    float* sc = a->scores + c * G * S; /* (G, S) */
-    float* out = a->out + (b * a->H + kh * G) * Dh;
+    float* sc = a->scratch + c * G * (S + 2 * Dh); /* (G, S) */
+    float* q = sc + G * S;                         /* (G, Dh): query heads kh * G .. kh * G + G - 1 */
+    float* out = q + G * Dh;                       /* (G, Dh) */
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t d = 0; d < Dh; d++) q[g * Dh + d] = w_at(a->q, b * a->qb + (kh * G + g) * a->qh + d, bf16);
     for (int64_t s = 0; s < S; s++) /* one pass over the keys for all G heads */
         for (int64_t g = 0; g < G; g++)
-            sc[g * S + s] = mask && !mask[s] ? -INFINITY : dot(q + g * a->qh, kc + s * a->ks, Dh) * a->scale;
+            sc[g * S + s] = mask && !mask[s] ? -INFINITY : dot(q + g * Dh, a->k, k0 + s * a->ks, Dh, bf16) * a->scale;
     for (int64_t g = 0; g < G; g++) { /* softmax per head; a row that may attend nowhere gets 0 */
         float* sg = sc + g * S;
         float mx = -INFINITY, sum = 0.f;
@@ -444,77 +469,90 @@ static void attention_chunk(const void* p, int64_t c) {
     }
     memset(out, 0, sizeof(float) * G * Dh);
     for (int64_t s = 0; s < S; s++) { /* one pass over the values */
-        const float* vr = vc + s * a->vs;
+        const int64_t vr = v0 + s * a->vs;
         for (int64_t g = 0; g < G; g++) {
             const float pr = sc[g * S + s];
             float* o = out + g * Dh;
             if (pr == 0.f) continue;
             int64_t d = 0;
-            for (; d + VL <= Dh; d += VL) *(vf*)(o + d) += pr * *(const vf*)(vr + d);
-            for (; d < Dh; d++) o[d] += pr * vr[d];
+            for (; d + VL <= Dh; d += VL) *(vf*)(o + d) += pr * load_w(a->v, vr + d, bf16);
+            for (; d < Dh; d++) o[d] += pr * w_at(a->v, vr + d, bf16);
         }
     }
+    for (int64_t i = 0; i < G * Dh; i++) store(a->out, (b * a->H + kh * G) * Dh + i, out[i], bf16);
 }
 
-int llama4_decode_attention(const float* q, int64_t qb, int64_t qh, const float* k, int64_t kb, int64_t kk,
-                            int64_t ks, const float* v, int64_t vb, int64_t vk, int64_t vs,
-                            const uint8_t* mask, int64_t mb, float* out, int64_t B, int64_t H, int64_t K,
-                            int64_t S, int64_t Dh, float scale, int threads) {
-    if (B <= 0 || S <= 0) return -2;
-    float* scores = malloc(sizeof(float) * B * H * S); /* as many as torch's scores tensor */
-    if (!scores) return -1;
-    attention_args a = {q, k, v, qb, qh, kb, kk, ks, vb, vk, vs, mask, mb, out, H, K, S, Dh, scale, scores};
+static void attention_chunk(const void* p, int64_t c) {
+    const attention_args* a = p;
+    if (a->bf16)
+        attention_rows(a, c, 1);
+    else
+        attention_rows(a, c, 0);
+}
+
+int llama4_decode_attention(const void* q, int64_t qb, int64_t qh, const void* k, int64_t kb, int64_t kk,
+                            int64_t ks, const void* v, int64_t vb, int64_t vk, int64_t vs,
+                            const uint8_t* mask, int64_t mb, void* out, int bf16, int64_t B, int64_t H,
+                            int64_t K, int64_t S, int64_t Dh, float scale, int threads) {
+    if (B <= 0 || S <= 0 || K <= 0) return -2;
+    /* The scores: as many as torch's scores tensor. */
+    float* scratch = malloc(sizeof(float) * B * H * (S + 2 * Dh));
+    if (!scratch) return -1;
+    attention_args a = {q, k, v, qb, qh, kb, kk, ks, vb, vk, vs, mask, mb, out, H, K, S, Dh, scale, bf16, scratch};
     parallel(attention_chunk, &a, B * K, B * H * S * Dh >= 65536 ? threads : 1);
-    free(scores);
+    free(scratch);
     return 0;
 }
 
 /* In place: rotate the interleaved pairs (0,1), (2,3), ... of each head of each row by the row's
  * angles (RoPE, the complex-number convention), then, if norm_eps >= 0, RMS-normalise each head
- * (no weight: Llama 4's QK norm). x (rows, heads, Dh) with strides (ldr, ldh); cos, sin
- * (rows, Dh / 2) contiguous. */
-void llama4_rope(float* x, int64_t rows, int64_t ldr, int64_t heads, int64_t ldh, int64_t Dh,
+ * (no weight: Llama 4's QK norm). x (rows, heads, Dh) float32 or bfloat16 (bf16) with strides
+ * (ldr, ldh); cos, sin (rows, Dh / 2) float32 contiguous. Computed in float32; bfloat16 is
+ * rounded where torch's ops round it: after the rotation and after the norm. */
+void llama4_rope(void* x, int bf16, int64_t rows, int64_t ldr, int64_t heads, int64_t ldh, int64_t Dh,
                  const float* cos, const float* sin, float norm_eps) {
     const int64_t half = Dh / 2;
     for (int64_t r = 0; r < rows; r++) {
         const float *c = cos + r * half, *s = sin + r * half;
         for (int64_t h = 0; h < heads; h++) {
-            float* xh = x + r * ldr + h * ldh;
+            const int64_t at = r * ldr + h * ldh;
             float ss = 0.f;
             for (int64_t i = 0; i < half; i++) {
-                const float x0 = xh[2 * i], x1 = xh[2 * i + 1];
-                const float y0 = x0 * c[i] - x1 * s[i], y1 = x0 * s[i] + x1 * c[i];
-                xh[2 * i] = y0;
-                xh[2 * i + 1] = y1;
+                const float x0 = w_at(x, at + 2 * i, bf16), x1 = w_at(x, at + 2 * i + 1, bf16);
+                const float y0 = as_stored(x0 * c[i] - x1 * s[i], bf16);
+                const float y1 = as_stored(x0 * s[i] + x1 * c[i], bf16);
+                store(x, at + 2 * i, y0, bf16);
+                store(x, at + 2 * i + 1, y1, bf16);
                 ss += y0 * y0 + y1 * y1;
             }
             if (norm_eps >= 0.f) {
                 const float scale = 1.0f / sqrtf(ss / (float)Dh + norm_eps);
-                for (int64_t i = 0; i < Dh; i++) xh[i] *= scale;
+                for (int64_t i = 0; i < Dh; i++) store(x, at + i, w_at(x, at + i, bf16) * scale, bf16);
             }
         }
     }
 }
 
 /* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w (w may be NULL: no scale), for `rows` rows of `dim`
- * floats; x rows `ldx` apart, y contiguous. One thread: the work is a few microseconds. */
-void llama4_rms_norm(const float* x, int64_t ldx, const float* w, float* y, int64_t rows, int64_t dim,
-                     float eps) {
+ * values; x rows `ldx` apart, y contiguous; x, w, y float32, or all bfloat16 (bf16: computed in
+ * float32, the normalised value rounded to bfloat16 before the scale, as the reference does).
+ * One thread: the work is a few microseconds. */
+void llama4_rms_norm(const void* x, int64_t ldx, const void* w, void* y, int bf16, int64_t rows,
+                     int64_t dim, float eps) {
     for (int64_t r = 0; r < rows; r++) {
-        const float* xr = x + r * ldx;
-        float* yr = y + r * dim;
+        const int64_t xr = r * ldx, yr = r * dim;
         vf acc = {0};
         int64_t i = 0;
         for (; i + VL <= dim; i += VL) {
-            vf v = *(const vf*)(xr + i);
+            vf v = load_w(x, xr + i, bf16);
             acc += v * v;
         }
         float ss = hsum(acc);
-        for (; i < dim; i++) ss += xr[i] * xr[i];
-        float scale = 1.0f / sqrtf(ss / (float)dim + eps);
-        if (w)
-            for (i = 0; i < dim; i++) yr[i] = xr[i] * scale * w[i];
-        else
-            for (i = 0; i < dim; i++) yr[i] = xr[i] * scale;
+        for (; i < dim; i++) ss += w_at(x, xr + i, bf16) * w_at(x, xr + i, bf16);
+        const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (i = 0; i < dim; i++) {
+            const float v = as_stored(w_at(x, xr + i, bf16) * scale, bf16);
+            store(y, yr + i, w ? v * w_at(w, i, bf16) : v, bf16);
+        }
     }
 }

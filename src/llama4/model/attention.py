@@ -68,23 +68,29 @@ def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)[:, :, :T]
 
 
+def _kernel_attention(q, k, v, mask) -> bool:
+    """Whether llama4's compiled kernel takes this one-query attention (float32 or bfloat16)."""
+    return (
+        not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and kernels.decode_attention_supports(q, k, v, mask)
+    )
+
+
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
     """Attention of ONE query per row over S keys: q (B, H, 1, Dh), k/v (B, K, S, Dh) -> (B, H, 1, Dh).
 
-    Same as SDPA (mask broadcastable to (B, H, 1, S), True = attend; None = attend to all S),
-    written as two small matrix products: on CPU, SDPA's kernel costs more in set-up than the
-    few thousand multiply-adds of a decode step. For float32 (the scores are accumulated in the
-    inputs' dtype; SDPA's CPU kernel accumulates bf16/fp16 in float32). The query heads that share a key/value head are
-    stacked as rows, so GQA needs no copy of k and v.
+    Same as SDPA (mask broadcastable to (B, H, 1, S), True = attend; None = attend to all S). On
+    CPU, SDPA's kernel costs more in set-up than the few thousand multiply-adds of a decode step:
+    float32 and bfloat16 inputs take llama4's compiled kernel (one call) where it applies; else,
+    for float32 only, two small matrix products (the scores accumulate in the inputs' dtype;
+    SDPA's CPU kernel accumulates bf16/fp16 in float32), with the query heads that share a
+    key/value head stacked as rows, so GQA needs no copy of k and v.
     """
     B, H, _, Dh = q.shape
-    if (
-        not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and kernels.decode_attention_supports(q, k, v, mask)
-    ):
+    if _kernel_attention(q, k, v, mask):
         return kernels.decode_attention(q, k, v, mask, Dh**-0.5)  # the same in one compiled call
     K, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, K, H // K, Dh)  # heads g*K..: head h uses kv head h // (H // K)
@@ -140,7 +146,11 @@ class Attention(nn.Module):
         elif mask is None and not self.is_global:
             out = chunked_causal_attention(q, k, v, self.chunk)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        if T == 1 and q.device.type == "cpu" and q.dtype == torch.float32:
+        if (
+            T == 1
+            and q.device.type == "cpu"
+            and (q.dtype == torch.float32 or _kernel_attention(q, k, v, mask))
+        ):
             out = decode_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(

@@ -18,18 +18,18 @@ from llama4.config import RopeScaling
 def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """RMS normalisation over the last dim, computed in float32, then times `weight` if given.
 
-    float32 inputs take one kernel: llama4's compiled one for decode-sized inference inputs on
-    CPU (torch's CPU kernel for it runs ~8 ops: ~60 us on one 1024-wide row, and decoding runs
-    ~30 norms per step), else torch's F.rms_norm. Other dtypes normalise in float32, cast back,
-    then scale, as the reference does.
+    Decode-sized float32 and bfloat16 inference inputs on CPU take llama4's compiled kernel (one
+    call; torch's CPU rms_norm runs ~8 ops, ~60 us on one 1024-wide row, and decoding runs ~30
+    norms a step). Otherwise float32 takes torch's F.rms_norm; other dtypes normalise in float32,
+    cast back, then scale, as the reference does.
     """
+    if (
+        not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and kernels.rms_norm_supports(x, weight)
+    ):
+        return kernels.rms_norm(x, eps, weight)
     if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
-        if (
-            not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and kernels.rms_norm_supports(x, weight)
-        ):
-            return kernels.rms_norm(x, eps, weight)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
@@ -93,8 +93,8 @@ def rope_and_norm(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_eps: float | None
 ) -> torch.Tensor:
     """apply_rope(x, cos, sin), then, if norm_eps is given, rms_norm over each head (no weight).
-    Small float32 inference inputs on CPU take one compiled call, in place (x is the fresh
-    output of a projection)."""
+    Small float32 and bfloat16 inference inputs on CPU take one compiled call, in place (x is the
+    fresh output of a projection)."""
     if (
         not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
