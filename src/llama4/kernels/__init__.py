@@ -5,7 +5,7 @@
   (kernels.c says how); with glu=True, x holds a SwiGLU's [gate | up] and the product takes
   silu(gate) * up. `llama4.model.layers.linear` and `glu_linear` run it for decode-sized
   inference products on CPU.
-- `rms_norm(x, eps, weight)`: RMS normalisation of a few float32 rows in one call
+- `rms_norm(x, eps, weight)`: RMS normalisation of a few float32 or bfloat16 rows in one call
   (`llama4.model.layers.rms_norm`).
 - `decode_attention(q, k, v, mask, scale)`: one query per row against the KV cache
   (`llama4.model.attention.decode_attention`).
@@ -189,13 +189,30 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     ref = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, enable_gqa=True)
     if not close(_decode_attention(lib, q, kv[0], kv[1], mask, 20**-0.5, 2), ref):
         return False
+    q16, kv16 = q.bfloat16(), kv.bfloat16()
+    ref = F.scaled_dot_product_attention(
+        q16.float(), kv16[0].float(), kv16[1].float(), attn_mask=mask, enable_gqa=True
+    )
+    out16 = _decode_attention(lib, q16, kv16[0], kv16[1], mask, 20**-0.5, 2)
+    if out16.dtype != torch.bfloat16 or not torch.allclose(out16.float(), ref, rtol=1e-2, atol=1e-2):
+        return False
+    x16, w16 = torch.randn(3, 77, generator=g).bfloat16(), torch.randn(77, generator=g).bfloat16()
+    ref = (F.rms_norm(x16.float(), (77,), None, 1e-5).bfloat16() * w16).float()
+    if not torch.allclose(_rms_norm(lib, x16, 1e-5, w16).float(), ref, rtol=1e-2, atol=1e-2):
+        return False
     x, angles = torch.randn(3, 1, 5, 8, generator=g), torch.randn(3, 1, 1, 4, generator=g)
     pairs = x.unflatten(-1, (4, 2))
     c, s = angles.cos(), angles.sin()
     ref = torch.stack((pairs[..., 0] * c - pairs[..., 1] * s, pairs[..., 0] * s + pairs[..., 1] * c), -1)
     y = x.clone()
     _rope(lib, y, c, s, 1e-5)
-    return close(y, F.rms_norm(ref.flatten(-2), (8,), None, 1e-5))
+    if not close(y, F.rms_norm(ref.flatten(-2), (8,), None, 1e-5)):
+        return False
+    y16 = x.bfloat16()
+    _rope(lib, y16, c, s, -1.0)
+    pairs = x.bfloat16().float().unflatten(-1, (4, 2))
+    ref = torch.stack((pairs[..., 0] * c - pairs[..., 1] * s, pairs[..., 0] * s + pairs[..., 1] * c), -1)
+    return torch.allclose(y16.float(), ref.flatten(-2), rtol=1e-2, atol=1e-2)
 
 
 _enabled = True
@@ -363,7 +380,8 @@ def decode_attention(
 ) -> torch.Tensor:
     """SDPA of one query per row: q (B, H, 1, Dh), k and v (B, K, S, Dh) (query head h reads
     key/value head h // (H // K)), mask (B or 1, 1, 1, S) (True = attend) or None -> (B, H, 1, Dh),
-    in q's dtype (bfloat16 inputs are computed in float32, as SDPA's CPU kernel does). One call
+    in q's dtype (bfloat16 inputs are computed in float32 and rounded once; SDPA's bfloat16 CPU
+    kernel also rounds some intermediates). One call
     for what torch does in ~10 ops; threads split the (row, key/value head) pairs."""
     lib = _library()
     if lib is None or not decode_attention_supports(q, k, v, mask):

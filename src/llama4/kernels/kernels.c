@@ -509,8 +509,9 @@ int llama4_decode_attention(const void* q, int64_t qb, int64_t qh, const void* k
  * (no weight: Llama 4's QK norm). x (rows, heads, Dh) float32 or bfloat16 (bf16) with strides
  * (ldr, ldh); cos, sin (rows, Dh / 2) float32 contiguous. Computed in float32; bfloat16 is
  * rounded where torch's ops round it: after the rotation and after the norm. */
-void llama4_rope(void* x, int bf16, int64_t rows, int64_t ldr, int64_t heads, int64_t ldh, int64_t Dh,
-                 const float* cos, const float* sin, float norm_eps) {
+static inline __attribute__((always_inline)) void rope_rows(void* x, const int bf16, int64_t rows, int64_t ldr,
+                                                            int64_t heads, int64_t ldh, int64_t Dh,
+                                                            const float* cos, const float* sin, float norm_eps) {
     const int64_t half = Dh / 2;
     for (int64_t r = 0; r < rows; r++) {
         const float *c = cos + r * half, *s = sin + r * half;
@@ -533,12 +534,20 @@ void llama4_rope(void* x, int bf16, int64_t rows, int64_t ldr, int64_t heads, in
     }
 }
 
+void llama4_rope(void* x, int bf16, int64_t rows, int64_t ldr, int64_t heads, int64_t ldh, int64_t Dh,
+                 const float* cos, const float* sin, float norm_eps) {
+    if (bf16) /* a constant flag inside: the compiler keeps one tight loop per dtype */
+        rope_rows(x, 1, rows, ldr, heads, ldh, Dh, cos, sin, norm_eps);
+    else
+        rope_rows(x, 0, rows, ldr, heads, ldh, Dh, cos, sin, norm_eps);
+}
+
 /* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w (w may be NULL: no scale), for `rows` rows of `dim`
  * values; x rows `ldx` apart, y contiguous; x, w, y float32, or all bfloat16 (bf16: computed in
  * float32, the normalised value rounded to bfloat16 before the scale, as the reference does).
  * One thread: the work is a few microseconds. */
-void llama4_rms_norm(const void* x, int64_t ldx, const void* w, void* y, int bf16, int64_t rows,
-                     int64_t dim, float eps) {
+static inline __attribute__((always_inline)) void norm_rows(const void* x, int64_t ldx, const void* w, void* y,
+                                                            const int bf16, int64_t rows, int64_t dim, float eps) {
     for (int64_t r = 0; r < rows; r++) {
         const int64_t xr = r * ldx, yr = r * dim;
         vf acc = {0};
@@ -555,4 +564,12 @@ void llama4_rms_norm(const void* x, int64_t ldx, const void* w, void* y, int bf1
             store(y, yr + i, w ? v * w_at(w, i, bf16) : v, bf16);
         }
     }
+}
+
+void llama4_rms_norm(const void* x, int64_t ldx, const void* w, void* y, int bf16, int64_t rows, int64_t dim,
+                     float eps) {
+    if (bf16)
+        norm_rows(x, ldx, w, y, 1, rows, dim, eps);
+    else
+        norm_rows(x, ldx, w, y, 0, rows, dim, eps);
 }
