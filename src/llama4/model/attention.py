@@ -14,7 +14,7 @@ from torch import nn
 
 from llama4 import kernels
 from llama4.config import TextConfig
-from llama4.model.layers import Linear, linear, rope_and_norm
+from llama4.model.layers import Linear, eager_inference, linear, rope_and_norm
 
 
 class AttentionCache(Protocol):
@@ -70,11 +70,7 @@ def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def _kernel_attention(q, k, v, mask) -> bool:
     """Whether llama4's compiled kernel takes this one-query attention (float32 or bfloat16)."""
-    return (
-        not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and kernels.decode_attention_supports(q, k, v, mask)
-    )
+    return eager_inference() and kernels.decode_attention_supports(q, k, v, mask)
 
 
 def decode_attention(

@@ -15,6 +15,12 @@ from llama4 import kernels
 from llama4.config import RopeScaling
 
 
+def eager_inference() -> bool:
+    """Whether llama4's compiled kernels may run: no autograd (they have no backward) and not
+    inside torch.compile (Inductor cannot lower them)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """RMS normalisation over the last dim, computed in float32, then times `weight` if given.
 
@@ -23,11 +29,7 @@ def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) ->
     norms a step). Otherwise float32 takes torch's F.rms_norm; other dtypes normalise in float32,
     cast back, then scale, as the reference does.
     """
-    if (
-        not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and kernels.rms_norm_supports(x, weight)
-    ):
+    if eager_inference() and kernels.rms_norm_supports(x, weight):
         return kernels.rms_norm(x, eps, weight)
     if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
@@ -62,12 +64,7 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 
 def _few_rows_inference(x: torch.Tensor) -> bool:
     """Whether x is a decode-sized inference input on CPU (the compiled kernels' domain)."""
-    return (
-        x.device.type == "cpu"
-        and x.numel() <= FEW_ROWS * x.shape[-1]
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()  # Inductor cannot lower these kernels
-    )
+    return x.device.type == "cpu" and x.numel() <= FEW_ROWS * x.shape[-1] and eager_inference()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -95,11 +92,7 @@ def rope_and_norm(
     """apply_rope(x, cos, sin), then, if norm_eps is given, rms_norm over each head (no weight).
     Small float32 and bfloat16 inference inputs on CPU take one compiled call, in place (x is the
     fresh output of a projection)."""
-    if (
-        not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and kernels.rope_supports(x, cos, sin)
-    ):
+    if eager_inference() and kernels.rope_supports(x, cos, sin):
         return kernels.rope_(x, cos, sin, norm_eps)
     x = apply_rope(x, cos, sin)
     return x if norm_eps is None else rms_norm(x, norm_eps)
