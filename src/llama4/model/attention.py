@@ -68,11 +68,6 @@ def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)[:, :, :T]
 
 
-def _kernel_attention(q, k, v, mask) -> bool:
-    """Whether llama4's compiled kernel takes this one-query attention (float32 or bfloat16)."""
-    return eager_inference() and kernels.decode_attention_supports(q, k, v, mask)
-
-
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -80,14 +75,16 @@ def decode_attention(
 
     Same as SDPA (mask broadcastable to (B, H, 1, S), True = attend; None = attend to all S). On
     CPU, SDPA's kernel costs more in set-up than the few thousand multiply-adds of a decode step:
-    float32 and bfloat16 inputs take llama4's compiled kernel (one call) where it applies; else,
-    for float32 only, two small matrix products (the scores accumulate in the inputs' dtype;
-    SDPA's CPU kernel accumulates bf16/fp16 in float32), with the query heads that share a
-    key/value head stacked as rows, so GQA needs no copy of k and v.
+    float32 and bfloat16 inference inputs take llama4's compiled kernel (one call) where it
+    applies; else float32 takes two small matrix products (the scores accumulate in the inputs'
+    dtype; SDPA's CPU kernel accumulates bf16/fp16 in float32), with the query heads that share a
+    key/value head stacked as rows, so GQA needs no copy of k and v; other dtypes take SDPA.
     """
     B, H, _, Dh = q.shape
-    if _kernel_attention(q, k, v, mask):
+    if eager_inference() and kernels.decode_attention_supports(q, k, v, mask):
         return kernels.decode_attention(q, k, v, mask, Dh**-0.5)  # the same in one compiled call
+    if q.dtype != torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     K, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, K, H // K, Dh)  # heads g*K..: head h uses kv head h // (H // K)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * Dh**-0.5  # (B, K, G, S)
@@ -142,11 +139,7 @@ class Attention(nn.Module):
         elif mask is None and not self.is_global:
             out = chunked_causal_attention(q, k, v, self.chunk)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        if (
-            T == 1
-            and q.device.type == "cpu"
-            and (q.dtype == torch.float32 or _kernel_attention(q, k, v, mask))
-        ):
+        if T == 1 and q.device.type == "cpu":
             out = decode_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(
