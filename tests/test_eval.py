@@ -65,6 +65,15 @@ def test_cli_bits_per_byte_equals_direct_computation(tmp_path, tokenizer, capsys
     assert got["tokens"] == n_tokens and got["bytes"] == n_bytes
     assert got["bits_per_byte"] == pytest.approx(bits / n_bytes, rel=1e-5)
     assert got["loss"] == pytest.approx(bits * math.log(2) / n_tokens, rel=1e-5)
+    # The file's exact bytes are scored: \r\n line ends stay as they are.
+    crlf = TEXT.replace("\n", "\r\n") + "\r\n"
+    (tmp_path / "crlf.txt").write_bytes(crlf.encode())
+    assert main(["eval", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "crlf.txt"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (
+        got["bytes"] == len(crlf.encode())
+        and got["tokens"] == direct_bits(llama4.load(tmp_path / "m"), tokenizer, crlf)[1]
+    )
 
 
 def test_uniform_logits_give_log2_vocab_per_token(tokenizer):

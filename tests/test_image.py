@@ -443,3 +443,11 @@ def test_decompression_bombs():
     with pytest.raises(ImageError, match="over the limit of 1000000"):
         load_image(_bomb(2000, 2000), max_pixels=1_000_000)
     assert load_image(_bomb(2000, 2000)).size == (2000, 2000)
+    # preprocess_image takes the same limit (the server passes its own, which may exceed the
+    # default), for encoded images and for images loaded already.
+    with pytest.raises(ImageError, match="over the limit of 1000000"):
+        preprocess_image(_bomb(2000, 2000), max_pixels=1_000_000)
+    loaded = load_image(_bomb(2000, 2000))
+    with pytest.raises(ImageError, match="over the limit of 1000000"):
+        preprocess_image(loaded, max_pixels=1_000_000)
+    assert preprocess_image(loaded, max_pixels=4_000_000).grid == (4, 4)

@@ -180,3 +180,29 @@ def test_explicit_positions_use_the_masked_path(tmp_path):
     positions = torch.arange(SEQ)[None].expand(2, SEQ)
     with torch.no_grad():
         assert rel_diff(ours(tokens, positions=positions), ours(tokens)) <= 1e-6
+
+
+def test_tied_embeddings_load(tmp_path):
+    # transformers ties the head to the embedding and saves no lm_head.weight.
+    ref = random_hf_model(7, tie_word_embeddings=True)
+    assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
+    ref.save_pretrained(tmp_path)
+    ours = llama4.load(tmp_path)
+    tokens = torch.randint(0, 320, (1, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel_diff(ours(tokens), ref(tokens).logits) <= TOL
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [("hidden_act", "gelu", "hidden_act='gelu'"), ("attention_bias", True, "attention_bias")],
+)
+def test_configs_llama4_cannot_compute_are_refused(tmp_path, field, value, match):
+    # Real Llama 4 has SwiGLU (silu) feed-forwards and no attention biases; a config asking for
+    # anything else must not load as if it were one.
+    random_hf_model(8).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        llama4.load(tmp_path)

@@ -25,7 +25,7 @@ TOKENS_PER_TILE = 1
 VOCAB = 202048  # the real tokenizer's ids (<|patch|> = 200092)
 
 
-def hf_multimodal(seed: int):
+def hf_multimodal(seed: int, **vision_overrides):
     text = dict(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -50,6 +50,7 @@ def hf_multimodal(seed: int):
         vision_output_dim=64,
         projector_input_dim=64,
         projector_output_dim=64,
+        **vision_overrides,
     )
     torch.manual_seed(seed)
     model = transformers.Llama4ForConditionalGeneration(
@@ -122,3 +123,22 @@ def test_save_round_trip_keeps_vision(models, tmp_path):
         a = back(input_ids=tokens, pixel_values=pixels).logits
         b = ref(input_ids=tokens, pixel_values=pixels).logits
     assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+
+
+def test_vision_config_fields_transformers_ignores(tmp_path):
+    # transformers builds the vision LayerNorms with eps 1e-5 and the projector without a bias
+    # whatever norm_eps and multi_modal_projector_bias say: a checkpoint saying otherwise still
+    # loads, and computes what transformers computes.
+    ref = hf_multimodal(1, norm_eps=1e-2, multi_modal_projector_bias=True)
+    ref.save_pretrained(tmp_path / "hf")
+    ours = llama4.load(tmp_path / "hf")
+    tokens = torch.tensor([[5, 200092, 7]])
+    pixels = preprocess_image(picture(20, 20, 3), tile_size=TILE, max_tiles=4).pixel_values
+    with torch.no_grad():
+        expected = ref(input_ids=tokens, pixel_values=pixels).logits
+        got = ours(tokens, pixel_values=pixels)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+    # The other way, a tower that transformers could not reproduce is refused, not saved wrong.
+    ours.config.vision.norm_eps = 1e-2
+    with pytest.raises(ValueError, match="norm_eps"):
+        llama4.save(ours, tmp_path / "ours")

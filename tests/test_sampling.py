@@ -176,6 +176,11 @@ def test_stop_string_spanning_tokens_is_cut(model):
     events = list(llama4.stream(model, [PROMPTS[0]], 20, stop=[stop], tokenizer=tok))
     assert "".join(e.text for e in events) == text[:start]
     assert events[-1].finish_reason == "stop"
+    # one stop string may be passed bare (not taken as a sequence of one-character stops)
+    bare = list(llama4.stream(model, [PROMPTS[0]], 20, stop=stop, tokenizer=tok))
+    assert [(e.token, e.text) for e in bare] == [(e.token, e.text) for e in events]
+    assert bare[-1].stop_reason == stop
+    assert llama4.generate(model, [PROMPTS[0]], 20, stop=stop, tokenizer=tok) == [c.tokens]
 
 
 def test_text_stream_holds_back_a_possible_stop_prefix():

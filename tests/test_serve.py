@@ -354,11 +354,27 @@ def test_tool_call_parsing_builds_openai_messages():
     assert finish is None and msg["content"] == "[other(x=1)]"
     assert build_chat_message("plain", None) == ({"role": "assistant", "content": "plain"}, None)
 
-    # Streaming: text before a possible call goes out at once, the call is held and parsed at the end.
+    # Streaming: text before a possible call goes out at once (whitespace once more text follows),
+    # the call is held and parsed at the end.
     st = ChatChoiceStream(["get_weather"])
     sent = "".join(st.add(d) for d in ["Sure. ", "[get_", 'weather(city="Paris")', "]"])
     rest, calls = st.finish()
-    assert sent == "Sure. " and rest == "" and calls[0]["function"]["name"] == "get_weather"
+    assert sent == "Sure." and rest == "" and calls[0]["function"]["name"] == "get_weather"
+    # Whatever the split, the streamed content is the non-streamed content.
+    for text in [
+        'Sure: [get_weather(city="Paris")]',
+        'Hi <|python_start|>get_weather(city="a")<|python_end|>',
+        'One moment.\n\n{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+        "Two  spaces  and [1] a citation  ",
+        "plain text\n",
+    ]:
+        msg, _ = build_chat_message(text, ["get_weather"])
+        for size in (1, 2, 5, len(text)):
+            st = ChatChoiceStream(["get_weather"])
+            sent = "".join(st.add(text[i : i + size]) for i in range(0, len(text), size))
+            rest, calls = st.finish()
+            assert sent + rest == (msg["content"] or ""), (text, size)
+            assert (calls is None) == ("tool_calls" not in msg), (text, size)
     st = ChatChoiceStream(["get_weather"])
     sent = "".join(st.add(d) for d in ["get_wea", 'ther(city="Rome")'])
     rest, calls = st.finish()

@@ -356,6 +356,10 @@ def test_cli_tokenize_text_and_chat(tmp_path, capsys, tok):
     (tmp_path / "t.txt").write_text("Hello <|eot|> world", encoding="utf-8")
     assert main(["tokenize", "--text-file", str(tmp_path / "t.txt"), "--bos"]) == 0
     assert json.loads(capsys.readouterr().out) == tok.encode("Hello <|eot|> world", bos=True)
+    crlf = "SELECT 1;\r\n-- c\r\nx\ry"  # the file's exact text: no newline translation
+    (tmp_path / "crlf.txt").write_bytes(crlf.encode())
+    assert main(["tokenize", "--text-file", str(tmp_path / "crlf.txt")]) == 0
+    assert json.loads(capsys.readouterr().out) == tok.encode(crlf)
 
     chat = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, "Hi"]}]
     (tmp_path / "chat.json").write_text(json.dumps(chat))

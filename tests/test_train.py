@@ -86,6 +86,15 @@ def test_documents_are_framed_and_cached(tmp_path):
     os.utime(a, ns=(1, 1))  # a changed mtime is a different corpus
     build_store(files, tok, "t", tmp_path / "cache", log=logs.append)
     assert len(logs) == 2
+    # Documents are the files' exact text (\r\n kept); JSON lines split at \n only (a JSON
+    # string may hold a raw U+2028, where str.splitlines would cut).
+    c, d = tmp_path / "c" / "c.txt", tmp_path / "c" / "d.jsonl"
+    c.parent.mkdir()
+    c.write_bytes(b"line one\r\nline two\r\n")
+    d.write_bytes('{"text": "a\u2028b"}\r\n{"text": "c"}\n'.encode())
+    store = build_store([c, d], tok, "t", tmp_path / "cache", log=logs.append)
+    expected = [tok.encode(t, bos=True, eos=True) for t in ("line one\r\nline two\r\n", "a\u2028b", "c")]
+    assert store.tokens.tolist() == [i for ids in expected for i in ids]
 
 
 def test_data_order_is_seeded_and_position_restores_exactly(tmp_path):

@@ -111,6 +111,31 @@ def test_matches_hf_image_features(vc, n_tiles):
     assert rel_err(our_out.reshape(-1, TEXT_DIM), projected) <= 1e-5
 
 
+def test_pixel_shuffle_ratio_one_seventh_matches_hf():
+    # 14 x 14 patches, k = 7: 4 tokens a tile (49 * (1/7)**2 truncated to 3 in floating point).
+    dim = 8
+    vc = VisionConfig(
+        image_size=196,
+        patch_size=14,
+        dim=dim,
+        n_layers=1,
+        n_heads=2,
+        mlp_hidden_dim=49 * dim,  # HF's adapter input: dim / ratio^2
+        pixel_shuffle_ratio=1 / 7,
+        adapter_dim=16,
+        adapter_out_dim=16,
+        vision_output_dim=16,
+    )
+    assert vc.tokens_per_tile == 4
+    hf, ours = build_pair(vc)
+    pixels = torch.randn(2, 3, 196, 196, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        features = hf.get_image_features(pixel_values=pixels).last_hidden_state
+        our_features = ours.encode(pixels)
+    assert our_features.shape == features.shape == (2, 4, 16)
+    assert rel_err(our_features, features) <= 1e-5
+
+
 def test_features_land_on_patch_tokens_in_order():
     """HF's full forward scatters the projected features, flattened tile by tile, over the
     <|patch|> positions in order: the rows of our (N, K, Dt) output, in the same order."""

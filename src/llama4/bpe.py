@@ -56,7 +56,7 @@ def read_chunks(paths: Iterable[str | Path], chunk_chars: int = 1 << 20) -> Iter
     for path in paths:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_bytes().decode("utf-8")  # the exact text: read_text turns \r\n into \n
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text ({e})") from e
         start = 0

@@ -126,7 +126,10 @@ class VisionConfig:
             f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
         )
         self.patches_per_side = self.image_size // self.patch_size
-        self.tokens_per_tile = int(self.patches_per_side**2 * self.pixel_shuffle_ratio**2)
+        # Pixel shuffle merges k x k patches, k = 1 / ratio (computed in integers: ratio**2
+        # times the patch count can fall just short of a whole number, e.g. for ratio 1/7).
+        k = round(1 / self.pixel_shuffle_ratio)
+        self.tokens_per_tile = (self.patches_per_side // k) ** 2
 
 
 @dataclass

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, path = load_model_and_tokenizer(args.model, dtype="float32")
-    text = args.text.read_text(encoding="utf-8")
+    text = args.text.read_bytes().decode("utf-8")  # not read_text: that turns \r\n into \n
     r = evaluate_text(
         model, tokenizer, text, context=args.context, stride=args.stride, batch_size=args.batch_size
     )

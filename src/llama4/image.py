@@ -236,13 +236,15 @@ def normalize(image: Image.Image) -> torch.Tensor:
     return x.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
 
 
-def preprocess_image(source: ImageSource, *, tile_size: int = 336, max_tiles: int = 16) -> ImageInput:
+def preprocess_image(
+    source: ImageSource, *, tile_size: int = 336, max_tiles: int = 16, max_pixels: int = MAX_PIXELS
+) -> ImageInput:
     """Load an image and turn it into tiles for the vision tower.
 
-    ``tile_size`` and ``max_tiles`` are ``VisionConfig.image_size`` and ``VisionConfig.max_tiles``.
-    Raises :class:`ImageError` for bad input.
+    ``tile_size`` and ``max_tiles`` are ``VisionConfig.image_size`` and ``VisionConfig.max_tiles``;
+    ``max_pixels`` as in :func:`load_image`. Raises :class:`ImageError` for bad input.
     """
-    image = load_image(source)
+    image = load_image(source, max_pixels=max_pixels)
     height, width = image.height, image.width
     rows, cols = best_grid((height, width), tile_size, max_tiles)
     new_h, new_w = fit_size((height, width), (rows, cols), tile_size)

@@ -95,7 +95,7 @@ def _tokenize(args: argparse.Namespace) -> int:
 
     tok = Tokenizer.from_file(args.tokenizer) if args.tokenizer else Tokenizer.find(args.model)
     if args.text_file is not None:
-        ids = tok.encode(args.text_file.read_text(encoding="utf-8"), bos=args.bos)
+        ids = tok.encode(args.text_file.read_bytes().decode("utf-8"), bos=args.bos)  # bytes: keep \r\n as is
     else:
         from llama4.chat import ChatFormat
 

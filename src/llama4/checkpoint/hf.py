@@ -108,7 +108,17 @@ def _rope_from_hf(tc: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     )
 
 
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"unsupported Hugging Face config: {what}")
+
+
 def text_config_from_hf(tc: dict[str, Any]) -> TextConfig:
+    _require(
+        tc.get("hidden_act", "silu") == "silu",
+        f"hidden_act={tc.get('hidden_act')!r} (Llama 4's feed-forwards are SwiGLU: 'silu')",
+    )
+    _require(not tc.get("attention_bias", False), "attention_bias=true (Llama 4's attention has no biases)")
     n_layers = tc["num_hidden_layers"]
     theta, scaling = _rope_from_hf(tc)
     interval = tc.get("no_rope_layer_interval", 4)
@@ -150,6 +160,13 @@ def text_config_from_hf(tc: dict[str, Any]) -> TextConfig:
 
 
 def vision_config_from_hf(vc: dict[str, Any]) -> VisionConfig:
+    """What transformers' Llama4VisionModel computes for `vc`. It builds its LayerNorms with the
+    default eps (1e-5) and the projector without a bias whatever `norm_eps` and
+    `multi_modal_projector_bias` say, as Meta's reference does; so does this."""
+    _require(
+        vc.get("hidden_act", "gelu") == "gelu",
+        f"vision hidden_act={vc.get('hidden_act')!r} (Llama 4's vision MLPs use 'gelu')",
+    )
     rope = vc.get("rope_parameters") or {}
     return VisionConfig(
         image_size=vc["image_size"],
@@ -159,13 +176,11 @@ def vision_config_from_hf(vc: dict[str, Any]) -> VisionConfig:
         n_layers=vc["num_hidden_layers"],
         n_heads=vc["num_attention_heads"],
         mlp_hidden_dim=vc["intermediate_size"],
-        norm_eps=vc.get("norm_eps", 1e-5),
         rope_theta=rope.get("rope_theta", vc.get("rope_theta", 10000.0)),
         pixel_shuffle_ratio=vc.get("pixel_shuffle_ratio", 0.5),
         adapter_dim=vc["projector_input_dim"],
         adapter_out_dim=vc["projector_output_dim"],
         vision_output_dim=vc["vision_output_dim"],
-        projector_bias=vc.get("multi_modal_projector_bias", False),
     )
 
 
@@ -224,6 +239,11 @@ def text_config_to_hf(t: TextConfig) -> dict[str, Any]:
 
 
 def vision_config_to_hf(v: VisionConfig) -> dict[str, Any]:
+    _require(
+        v.norm_eps == 1e-5 and not v.projector_bias,
+        f"norm_eps={v.norm_eps}, projector_bias={v.projector_bias}: transformers' vision tower always "
+        "uses LayerNorm eps 1e-5 and a projector without bias, so the HF format cannot hold these",
+    )
     return {
         "model_type": "llama4_vision_model",
         "image_size": v.image_size,
@@ -285,6 +305,12 @@ def iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def is_multimodal(hf_config: dict[str, Any]) -> bool:
     return "text_config" in hf_config
+
+
+def ties_embeddings(hf_config: dict[str, Any]) -> bool:
+    """Whether the output head is the token embedding (transformers then saves no lm_head)."""
+    text = hf_config.get("text_config") or {}
+    return bool(hf_config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
 
 
 def save_hf(

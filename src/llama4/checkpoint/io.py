@@ -83,6 +83,10 @@ def load(
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[key] = tensor.to(device)
+    if hf.ties_embeddings(hf_config) and "tok_embeddings.weight" in state:
+        # transformers uses the embedding as the head. A copy: llama4 keeps the two apart (a
+        # fine-tune then trains them separately; `save` writes both, untied).
+        state["output.weight"] = state["tok_embeddings.weight"].clone()
     # The balancing bias of the router is ours alone: absent from HF checkpoints means zero.
     optional = {k for k in expected if k.endswith("router.bias")}
     missing = sorted(set(expected) - set(state) - optional)

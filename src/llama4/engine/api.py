@@ -39,7 +39,7 @@ def generate(
     presence_penalty: float = 0.0,
     seed: int | None = None,
     stop_ids: Sequence[int] = (),
-    stop: Sequence[str] = (),
+    stop: str | Sequence[str] = (),
     tokenizer: Any = None,
     image_features: Sequence[torch.Tensor | None] | None = None,
 ) -> list[list[int]]:
@@ -63,7 +63,7 @@ def generate(
         frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty,
         stop_ids=tuple(stop_ids),
-        stop=tuple(stop),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),  # one string, not its characters
     )
     done = engine.generate(prompts, params, tokenizer=tokenizer, image_features=image_features)
     return [c.tokens for c in done]
@@ -83,7 +83,7 @@ def stream(
     presence_penalty: float = 0.0,
     seed: int | None = None,
     stop_ids: Sequence[int] = (),
-    stop: Sequence[str] = (),
+    stop: str | Sequence[str] = (),
     logprobs: int | None = None,
     tokenizer: Any = None,
     image_features: Sequence[torch.Tensor | None] | None = None,
@@ -104,7 +104,7 @@ def stream(
         frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty,
         stop_ids=tuple(stop_ids),
-        stop=tuple(stop),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),  # one string, not its characters
         logprobs=logprobs,
     )
     return engine.stream(prompts, params, tokenizer=tokenizer, image_features=image_features)

@@ -179,8 +179,11 @@ def load_request_image(data: bytes, served: ServedModel, param: str) -> torch.Te
 
     vision = served.vision
     try:
-        image = load_image(data, max_pixels=served.limits.max_image_pixels)
-        return preprocess_image(image, tile_size=vision.image_size, max_tiles=vision.max_tiles)
+        limit = served.limits.max_image_pixels
+        image = load_image(data, max_pixels=limit)
+        return preprocess_image(
+            image, tile_size=vision.image_size, max_tiles=vision.max_tiles, max_pixels=limit
+        )
     except ImageError as e:
         code = "image_too_large" if "limit" in str(e) or "too large" in str(e) else "invalid_image"
         raise RequestError(f"bad image: {e}", param=param, code=code) from None

@@ -48,13 +48,15 @@ class ChatChoiceStream:
         if self.tool_names is None:
             return self._send(len(self.text))
         if not self.holding:
+            # Whitespace waits for what follows: before a call it is not content (the parsed
+            # reply's content is stripped), so it must not have been streamed.
             m = _MAY_OPEN_CALL.search(self.text, self.sent)
             if m is not None:
                 self.holding = True
-                return self._send(m.start())
+                return self._send(len(self.text[: m.start()].rstrip()))
             if self._may_be_bare_call():
                 return ""
-            return self._send(len(self.text))
+            return self._send(len(self.text.rstrip()))
         return ""
 
     def _may_be_bare_call(self) -> bool:

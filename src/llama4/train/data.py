@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 IGNORE = -100  # target id that carries no loss (torch's cross_entropy default ignore_index)
-CACHE_VERSION = 1  # bump when the cached layout or the document framing changes
+CACHE_VERSION = 2  # bump when the cached layout, the document framing or the text read changes
+# (2: files are read as their exact bytes; 1 turned \r\n into \n)
 PLAIN_TEXT_SUFFIXES = {".txt", ".md", ".text"}
 TEXT_SUFFIXES = PLAIN_TEXT_SUFFIXES | {".jsonl"}
 
@@ -107,14 +108,25 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # -- documents -----------------------------------------------------------------------------------
 
 
+def _text(f: Path) -> str:
+    """The file's exact text (read_text would turn \\r\\n into \\n)."""
+    return f.read_bytes().decode("utf-8", errors="replace")
+
+
+def _lines(f: Path) -> list[str]:
+    """JSON lines: split at \\n only (str.splitlines also splits at U+2028 and others, which JSON
+    strings may hold raw); a \\r before it is whitespace to json.loads."""
+    return f.read_bytes().decode("utf-8").split("\n")
+
+
 def _text_documents(files: list[Path]) -> Iterator[str]:
     for f in files:
         if f.suffix == ".jsonl":
-            for line in f.read_text(encoding="utf-8").splitlines():
+            for line in _lines(f):
                 if line.strip():
                     yield json.loads(line)["text"]
         else:
-            yield f.read_text(encoding="utf-8", errors="replace")
+            yield _text(f)
 
 
 def _sft_examples(files: list[Path], tokenizer) -> Iterator[tuple[list[int], list[int]]]:
@@ -129,9 +141,9 @@ def _sft_examples(files: list[Path], tokenizer) -> Iterator[tuple[list[int], lis
     chat = None
     for f in files:
         if f.suffix in PLAIN_TEXT_SUFFIXES:
-            yield whole(f.read_text(encoding="utf-8", errors="replace"))
+            yield whole(_text(f))
             continue
-        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_lines(f), 1):
             if not line.strip():
                 continue
             rec = json.loads(line)
