@@ -48,7 +48,10 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """``llama4 ARGS`` in this process (fast); returns (exit code, stdout, stderr)."""
     from llama4.cli import main
 
-    code = main(list(args))
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -115,6 +118,13 @@ def test_generate_with_an_image_in_the_chat_layout(checkpoint, capsys):
 def test_generate_errors_are_clear(checkpoint, capsys, monkeypatch, tmp_path):
     code, _, stderr = run_cli(capsys, "generate", "--model", str(checkpoint), "--prompt-tokens", "1,x")
     assert code == 2 and "comma-separated" in stderr
+    for flags, says in [
+        (["--device", "bogus"], "cannot use --device 'bogus'"),
+        (["--threads", "0"], "--threads: must be >= 1"),
+        (["--temperature", "nan"], "temperature=nan must be a finite number"),
+    ]:
+        code, _, stderr = run_cli(capsys, "generate", "--model", str(checkpoint), "--prompt", "hi", *flags)
+        assert code == 2 and says in stderr and "Traceback" not in stderr, flags
     from llama4.engine import assets
 
     monkeypatch.setattr(assets, "BUNDLED", tmp_path / "nano")

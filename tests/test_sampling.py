@@ -78,6 +78,25 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         assert kept == want, (p, kept)
 
 
+def test_filters_keep_what_transformers_keeps():
+    # The same survivors as transformers' processors, on random rows (top-p close to 1, where a
+    # float32 sum near 1 loses the tail) and on rows of tied logits (ties at the boundary).
+    tf = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(0)
+    rows = torch.cat(
+        [3 * torch.randn(400, 50, generator=g), torch.randint(-3, 3, (400, 50), generator=g).float()]
+    )
+    for top_p in (1e-6, 0.3, 0.6, 0.9, 0.99999, 0.999999):
+        ours = torch.stack([filter_logits(r, SamplingParams(temperature=1.0, top_p=top_p)) for r in rows])
+        ref = tf.TopPLogitsWarper(top_p)(None, rows.clone())
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(ref)), top_p
+    for top_k in (1, 7, 50, 80):
+        ours = torch.stack([filter_logits(r, SamplingParams(temperature=1.0, top_k=top_k)) for r in rows])
+        assert torch.equal(
+            torch.isfinite(ours), torch.isfinite(tf.TopKLogitsWarper(top_k)(None, rows.clone()))
+        )
+
+
 def test_min_p_drops_tokens_below_fraction_of_max():
     probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
     out = filter_logits(probs.log(), SamplingParams(temperature=1.0, min_p=0.4))
@@ -118,6 +137,27 @@ def test_sampling_params_validate():
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     assert SamplingParams(stop="x").stop == ("x",)
+    for name in (
+        "temperature",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+    ):
+        with pytest.raises(ValueError, match=f"{name}=nan must be a finite number"):
+            SamplingParams(**{name: float("nan")})
+
+
+def test_token_ids_outside_the_vocabulary_are_a_clear_error(model):
+    for bad in (VOCAB, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
+            llama4.generate(model, [[1, bad]], 2)
+    engine = Engine(model, slots=1, max_len=16)
+    engine.prefill([0], [[1, 2]])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.decode([0], [VOCAB + 5])
+    assert engine.decode([0], [3]).shape == (1, VOCAB)  # the slot is still usable
 
 
 # ----- end to end through the engine -------------------------------------------------------------

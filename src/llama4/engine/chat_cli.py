@@ -20,6 +20,7 @@ from llama4.engine.cli_common import (
     fail,
     image_inputs,
     load,
+    positive_int,
     sampling_params,
 )
 
@@ -29,7 +30,9 @@ HELP = "commands: /reset, /system TEXT, /image PATH, /quit (Ctrl-C stops a reply
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--system", help="system message")
-    p.add_argument("--max-len", type=int, default=8192, help="conversation length in tokens (default 8192)")
+    p.add_argument(
+        "--max-len", type=positive_int, default=8192, help="conversation length in tokens (default 8192)"
+    )
     add_sampling_arguments(p, max_tokens=512)
 
 

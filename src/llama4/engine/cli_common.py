@@ -7,13 +7,24 @@ import sys
 from typing import Any
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse then reports a bad value as a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: as stored)"
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow first call)")
 
 
@@ -67,7 +78,10 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device), tokenizer, path
+    try:
+        return model.to(device), tokenizer, path
+    except (RuntimeError, ValueError, AssertionError) as e:  # unknown device, no GPU, no CUDA build
+        raise CliError(f"cannot use --device {device!r}: {str(e).splitlines()[0]}") from None
 
 
 def fail(verb: str, message: str) -> int:

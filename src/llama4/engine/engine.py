@@ -158,6 +158,8 @@ class Engine:
         assert B == len(prompts), f"{B} slots but {len(prompts)} prompts"
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        for p in prompts:
+            self._check_ids(p)
         feats = [None if f is None else f.reshape(-1, f.shape[-1]) for f in (image_features or [None] * B)]
         image_id = self.model.config.image_token_id
         done = [0] * B  # tokens of each prompt prefilled so far
@@ -203,6 +205,7 @@ class Engine:
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         """Append one token to each slot; return the next-token logits (B, V) (at least float32)."""
+        self._check_ids(tokens)
         positions = self.cache.begin(slots, [1] * len(slots), 1)
         x = torch.tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]
         with self._rollback_on_error(slots):
@@ -210,6 +213,13 @@ class Engine:
         for s, t in zip(slots, tokens):
             self.history[s].append(t)
         return self._logits(h[:, 0])
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        """Token ids outside the vocabulary are the caller's error, said as such (the embedding
+        would raise an opaque IndexError, or a device-side assert on GPU)."""
+        if ids and not (0 <= min(ids) and max(ids) < self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output head on hidden states (B, D) -> logits (B, V), at least float32.
@@ -294,7 +304,7 @@ class Engine:
 
     def _run(self, prompts, plist, tokenizer, image_features, slots) -> Iterator[Event]:
         B = len(prompts)
-        states = [SamplerState(p, prompt, self.vocab_size) for p, prompt in zip(plist, prompts)]
+        states = [SamplerState(p, prompt, self.vocab_size, self.device) for p, prompt in zip(plist, prompts)]
         texts = [TextStream(tokenizer, p.stop) if tokenizer is not None else None for p in plist]
         n_out = [0] * B
 

@@ -19,6 +19,7 @@ penalties, temperature and truncation (vLLM's default "raw logprobs").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +49,16 @@ class SamplingParams:
         # Accept lists for the tuple fields (frozen: go through object.__setattr__).
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        ):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)} must be a finite number")
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 0")
         if self.temperature < 0:
@@ -128,10 +139,14 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         kth = torch.topk(x, params.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        mass_before = probs.cumsum(-1) - probs  # probability of the better tokens
-        drop_sorted = mass_before >= params.top_p  # the best token is always kept
+        # Drop the tokens whose probability, with all the worse ones', is at most 1 - top_p (the
+        # better ones then hold at least top_p). Summed from the worst up, as transformers does:
+        # the small tail probabilities are not lost in a float32 sum near 1, and ties at the
+        # boundary fall the way they fall there.
+        sorted_x, order = torch.sort(x, descending=False)
+        tail = torch.softmax(sorted_x, dim=-1).cumsum(-1)
+        drop_sorted = tail <= 1.0 - params.top_p
+        drop_sorted[-1] = False  # the best token is always kept
         x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
     if params.min_p > 0.0:
         probs = torch.softmax(x, dim=-1)

@@ -143,7 +143,7 @@ def sample_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[
             out.append(int(_argmax(x) if x.is_cpu else x.argmax()))
             continue
         cdf = torch.softmax(filter_logits(x, st.params), dim=-1).double().cumsum(-1)
-        u = torch.rand(1, generator=st.generator, dtype=torch.float64).to(cdf.device) * cdf[-1]
+        u = torch.rand(1, generator=st.generator, dtype=torch.float64, device=cdf.device) * cdf[-1]
         out.append(min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1))
     return out
 
@@ -348,7 +348,7 @@ class Scheduler:
         self._free.remove(slot)
         self._slot_keys[slot] = job.keys
         job.slot, job.done = slot, kept
-        job.sampler = SamplerState(job.params, job.prompt, engine.vocab_size, device="cpu")
+        job.sampler = SamplerState(job.params, job.prompt, engine.vocab_size, device=engine.device)
         job.text = TextStream(self.tokenizer, job.params.stop)
         self._running[slot] = job
         self._hook("on_admit", job, kept)
