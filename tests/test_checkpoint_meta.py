@@ -307,6 +307,38 @@ def test_our_model_runs_in_the_reference(tmp_path):
             assert torch.equal(back(tokens), expected)
 
 
+def test_any_feed_forward_widths_have_exact_params():
+    # params.json sizes the layers through Meta's formulas (ffn_exp, multiplier, multiple_of,
+    # capacity factor): every pair of widths must come out exactly, wide dense layers included
+    # (a large multiplier steps over expert widths that capacity factor 1 cannot reach).
+    for dim in (8, 32, 48, 100, 256):
+        for dense in range(1, 10 * dim, 13):
+            for moe in range(1, 6 * dim, 11):
+                a = meta._ffn_args(dim, dense, moe)
+                assert a is not None, (dim, dense, moe)
+                assert meta.dense_hidden_dim(dim, a["multiple_of"], a["ffn_dim_multiplier"]) == dense
+                assert meta.moe_hidden_dim(dim, **a) == moe
+    assert meta.moe_hidden_dim(64, **meta._ffn_args(64, None, 40)) == 40  # no dense layer
+
+
+def test_wide_dense_layers_round_trip(tmp_path):
+    cfg = get_preset("debug")
+    cfg.text.rope_scaling = None
+    cfg.text.dense_hidden_dim, cfg.text.moe.hidden_dim = 640, 128  # 10 x dim: multiplier ~7.5
+    cfg.text.moe.interleave_step, cfg.text.moe_layers = 2, None
+    cfg = type(cfg).from_dict(cfg.to_dict())  # re-derive the MoE layers
+    ours = build(cfg, device="cpu")
+    ours.init_weights(seed=0)
+    llama4.save(ours, tmp_path, format="meta")
+    params = json.loads((tmp_path / "params.json").read_text())
+    ref = reference(params, seed=7)
+    ref.load_state_dict(torch.load(tmp_path / "consolidated.00.pth", weights_only=True), strict=True)
+    tokens = torch.randint(0, 512, (1, SEQ), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert rel_diff(ref_logits(ref, tokens), ours(tokens)) <= TOL
+        assert torch.equal(llama4.load(tmp_path)(tokens), ours(tokens))
+
+
 def test_save_rejects_what_params_json_cannot_say(tmp_path):
     model = build(get_preset("debug"), device="cpu")
     with pytest.raises(ValueError, match="original context 8192"):  # the debug preset's RoPE
@@ -360,3 +392,11 @@ def test_arbitrary_pickles_are_refused(checkpoint, tmp_path):
     write(tmp_path, SCOUT_LIKE, [dict(checkpoint, evil=Payload())])
     with pytest.raises(Exception, match="Weights only load failed"):
         llama4.load(tmp_path)
+
+
+def test_a_shard_that_is_not_a_dict_is_a_clear_error(tmp_path):
+    for name, content in (("tensor", torch.zeros(3)), ("list", [torch.zeros(3)])):
+        write(tmp_path / name, SCOUT_LIKE, [{}])
+        torch.save(content, tmp_path / name / "consolidated.00.pth")
+        with pytest.raises(CheckpointError, match=f"holds a {type(content).__name__}, not a dict of tensors"):
+            llama4.load(tmp_path / name)

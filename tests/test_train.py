@@ -350,6 +350,36 @@ def test_crash_mid_checkpoint_leaves_no_complete_looking_checkpoint(tmp_path, mo
     assert state["state"]
 
 
+def test_resume_between_log_steps_logs_the_same_expert_stats(tmp_path, monkeypatch):
+    # Logged every 3 steps, saved every 2, killed after the checkpoint at step 4: that checkpoint
+    # falls inside a stats window (steps 4-6), and the resumed run must log the same expert loads
+    # at step 6 as the unbroken one.
+    def expert_lines(out: str) -> dict[int, list]:
+        lines = [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["experts"] for r in lines if "experts" in r}
+
+    def cfg(out: str, **kw):
+        return small_config(tmp_path, out=str(tmp_path / out), steps=6, log_every=3, save_every=2, **kw)
+
+    Trainer(cfg("full"), log=lambda _: None).fit()
+    save = Trainer.save
+
+    def save_then_die(self):
+        path = save(self)
+        if self.step == 4:
+            raise KeyboardInterrupt("killed after the checkpoint")
+        return path
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg("cut"), log=lambda _: None).fit()
+    monkeypatch.undo()
+    Trainer(cfg("cut", resume=True), log=lambda _: None).fit()
+    full, resumed = expert_lines("full"), expert_lines("cut")
+    assert sorted(full) == sorted(resumed) == [3, 6]
+    assert resumed == full
+
+
 def _train_cmd(out: Path, cache: Path, steps: int, resume: bool) -> list[str]:
     cmd = [sys.executable, "-m", "llama4.cli", "train", "--preset", "debug", "--data", str(TEXT)]
     cmd += [

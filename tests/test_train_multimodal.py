@@ -285,3 +285,36 @@ def test_mixed_stream_resumes_where_it_stopped_and_refuses_another_mix():
     assert [resumed.next() for _ in range(9)] == expected
     with pytest.raises(ValueError, match="resume with the same text_every / text_fraction"):
         MixedStream(_Numbered("image"), _Numbered("text"), Fraction(1, 2)).load_state_dict(state)
+
+
+class _Dialogs:
+    """example(i): dialog i of 5-11 tokens (ids all 1000 + i) and one tile of value i."""
+
+    def __len__(self) -> int:
+        return 20
+
+    def example(self, i: int):
+        n = 5 + (3 * i) % 7
+        return [1000 + i] * n, [True] * n, torch.full((1, 3, 4, 4), float(i))
+
+
+def test_image_stream_resumes_exactly_with_a_dialog_waiting_for_the_next_row():
+    # Rows of 16 tokens hold one or two dialogs: a checkpoint usually falls while a drawn dialog
+    # waits for the next row. The resumed stream must start with it, as the unbroken one does.
+    def stream():
+        return ImageTextStream(_Dialogs(), batch_size=2, seq_len=15, pad_id=0, seed=0)
+
+    unbroken = stream()
+    waiting = 0
+    for _ in range(12):  # across epochs too (20 dialogs, ~4 per batch)
+        state = unbroken.state_dict()
+        waiting += state["pending"] is not None
+        resumed = stream()
+        resumed.load_state_dict(state)
+        for a, b in zip(unbroken.next(), resumed.next()):
+            assert torch.equal(a, b)
+        assert torch.equal(unbroken.pixels.popleft(), resumed.pixels.popleft())
+    assert waiting >= 6
+    other = ImageTextStream(_Dialogs(), batch_size=2, seq_len=15, pad_id=0, seed=1)
+    with pytest.raises(ValueError, match="does not fit this data"):
+        other.load_state_dict(state)

@@ -390,6 +390,8 @@ def params_from_config(cfg: ModelConfig) -> dict[str, Any]:
         )
         moe_hidden = t.moe.hidden_dim
     ffn = _ffn_args(t.dim, t.dense_hidden_dim, moe_hidden)
+    if ffn is None and len(t.moe_layers) == t.n_layers:  # no dense layer: its width may differ
+        ffn = _ffn_args(t.dim, None, moe_hidden)
     need(
         ffn is not None,
         f"no FFN arguments give dense width {t.dense_hidden_dim} and expert width {moe_hidden}",
@@ -430,11 +432,12 @@ def params_from_config(cfg: ModelConfig) -> dict[str, Any]:
     return p
 
 
-def _ffn_args(dim: int, dense: int, moe: int | None) -> dict[str, Any] | None:
-    """ffn_exp, ffn_dim_multiplier, multiple_of, capacity_factor, auto_scale_F giving both widths."""
+def _ffn_args(dim: int, dense: int | None, moe: int | None) -> dict[str, Any] | None:
+    """ffn_exp, ffn_dim_multiplier, multiple_of, capacity_factor, auto_scale_F giving both widths
+    (None: no layer has that kind of feed-forward, any width will do)."""
 
     def fits(a: dict[str, Any]) -> bool:
-        if dense_hidden_dim(dim, a["multiple_of"], a["ffn_dim_multiplier"]) != dense:
+        if dense is not None and dense_hidden_dim(dim, a["multiple_of"], a["ffn_dim_multiplier"]) != dense:
             return False
         return moe is None or moe_hidden_dim(dim, **a) == moe
 
@@ -452,20 +455,20 @@ def _ffn_args(dim: int, dense: int, moe: int | None) -> dict[str, Any] | None:
     # Otherwise a multiplier that gives the dense width exactly, and an ffn_exp for the experts:
     # int(multiplier * int(2 * int(ffn_exp * dim) / 3)) must come out at 2F or 2F + 1.
     base = int(2 * int(4 * dim) / 3)
-    mult = (dense + 0.5) / base
-    if moe is None:
-        a = dict(ffn_exp=4.0, ffn_dim_multiplier=mult, multiple_of=1, capacity_factor=1.0, auto_scale_F=True)
-        return a if fits(a) else None
-    guess = int(2 * moe / mult)
+    mult = 1.2 if dense is None else (dense + 0.5) / base
+    candidates = []
+    guess = 1 if moe is None else int(2 * moe / mult)
     for h in range(max(guess - 2, 1), guess + 4):
         n = -(-3 * h // 2)  # the smallest n with int(2 * n / 3) == h
-        a = dict(
-            ffn_exp=(n + 0.5) / dim,
-            ffn_dim_multiplier=mult,
-            multiple_of=1,
-            capacity_factor=1.0,
-            auto_scale_F=True,
-        )
+        candidates.append(dict(ffn_exp=(n + 0.5) / dim, capacity_factor=1.0))
+    if moe is not None:
+        # A large multiplier can step over both 2F and 2F + 1; then the capacity factor (it only
+        # sizes the experts: F = int(X / (capacity_factor + 1))) divides X = int(mult * base)
+        # down to F.
+        x = int(mult * base)
+        candidates.append(dict(ffn_exp=4.0, capacity_factor=x / (moe + 0.5) - 1))
+    for c in candidates:
+        a = dict(ffn_dim_multiplier=mult, multiple_of=1, auto_scale_F=True, **c)
         if fits(a):
             return a
     return None
@@ -503,6 +506,8 @@ def read_shard(file: Path) -> dict[str, torch.Tensor]:
     """
     with torch.serialization.safe_globals([io.BytesIO, codecs.encode]):
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file.name} holds a {type(state).__name__}, not a dict of tensors")
     out = {}
     for key, value in state.items():
         if IGNORED.fullmatch(key):

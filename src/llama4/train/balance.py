@@ -59,6 +59,16 @@ class ExpertBalancer:
                 moe.router.bias.add_(delta.to(moe.router.bias.device, moe.router.bias.dtype))
             self.step_counts[i] = None
 
+    def window_state(self) -> dict[str, list[float]]:
+        """The counts of the stats window, for a checkpoint (a resumed run then logs the same
+        stats at its next log step as the unbroken run)."""
+        return {str(i): c.tolist() for i, c in self.window_counts.items() if c is not None}
+
+    def load_window_state(self, state: dict[str, list[float]]) -> None:
+        for i, _ in self.layers:
+            c = state.get(str(i))
+            self.window_counts[i] = None if c is None else torch.tensor(c, dtype=torch.float64)
+
     def stats(self) -> list[dict[str, float | int]]:
         """Per MoE layer over the window since the last call: max and min load / mean, dead experts."""
         out = []

@@ -181,19 +181,21 @@ class ImageTextStream:
         )
         self.epoch, self.cursor = 0, 0
         self.order = np.random.default_rng([seed, 0]).permutation(len(dialogs))
-        self.pending: tuple[list[int], list[bool], torch.Tensor] | None = None
+        # A dialog drawn from the order that did not fit the last row: it starts the next one.
+        # (index, example); the index is part of the data position (`state_dict`).
+        self.pending: tuple[int, tuple[list[int], list[bool], torch.Tensor]] | None = None
         self.pixels: collections.deque[torch.Tensor | None] = collections.deque()
 
-    def _next_example(self) -> tuple[list[int], list[bool], torch.Tensor]:
+    def _next_example(self) -> tuple[int, tuple[list[int], list[bool], torch.Tensor]]:
         if self.pending is not None:
-            ex, self.pending = self.pending, None
-            return ex
+            drawn, self.pending = self.pending, None
+            return drawn
         if self.cursor == len(self.order):
             self.epoch, self.cursor = self.epoch + 1, 0
             self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dialogs))
-        ex = self.dialogs.example(int(self.order[self.cursor]))
+        index = int(self.order[self.cursor])
         self.cursor += 1
-        return ex
+        return index, self.dialogs.example(index)
 
     def _row(self) -> tuple[list[int], list[bool], list[torch.Tensor]]:
         ids: list[int] = []
@@ -201,11 +203,11 @@ class ImageTextStream:
         tiles: list[torch.Tensor] = []
         width = self.seq_len + 1
         while True:
-            ex = self._next_example()
+            index, ex = self._next_example()
             if len(ex[0]) > width:
                 continue  # longer than a row: skipped
             if len(ids) + len(ex[0]) > width:
-                self.pending = ex
+                self.pending = index, ex
                 break
             ids += ex[0]
             mask += ex[1]
@@ -223,12 +225,24 @@ class ImageTextStream:
         self.pixels.append(torch.cat([t for r in rows for t in r[2]]))
         return inputs, targets
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "dialogs": len(self.dialogs)}
+    def state_dict(self) -> dict[str, int | None]:
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "pending": None if self.pending is None else self.pending[0],
+            "seed": self.seed,
+            "dialogs": len(self.dialogs),
+        }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int | None]) -> None:
+        if state["dialogs"] != len(self.dialogs) or state["seed"] != self.seed:
+            raise ValueError(
+                f"data position {state} does not fit this data ({len(self.dialogs)} dialogs, seed {self.seed})"
+            )
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dialogs))
+        pending = state.get("pending")  # absent in positions saved before it was recorded
+        self.pending = None if pending is None else (pending, self.dialogs.example(pending))
 
 
 class MixedStream:

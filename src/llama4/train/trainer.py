@@ -250,6 +250,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "elapsed_s": self.elapsed,
             "data": self.data.train.state_dict(),
+            "expert_window": self.balancer.window_state(),
             "scheduler": self.scheduler.state_dict(),
             "config": self.cfg.to_dict(),
             "model_config": self.model.config.to_dict(),
@@ -274,6 +275,7 @@ class Trainer:
         t = ck["trainer"]
         self.scheduler.load_state_dict(t["scheduler"])
         self.data.train.load_state_dict(t["data"])
+        self.balancer.load_window_state(t.get("expert_window", {}))  # absent in older checkpoints
         self.step, self.tokens_seen, self.elapsed = t["step"], t["tokens_seen"], t["elapsed_s"]
         set_rng_state(ck["rng"])
         self.log(f"resumed from {path} at step {self.step}")
