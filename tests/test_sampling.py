@@ -13,7 +13,7 @@ import torch
 import llama4
 from llama4.config import ModelConfig, MoEConfig, TextConfig
 from llama4.engine import Engine, SamplingParams
-from llama4.engine.sampling import SamplerState, apply_penalties, filter_logits, sample
+from llama4.engine.sampling import FLOAT_FIELDS, SamplerState, apply_penalties, filter_logits, sample
 from llama4.engine.text import TextStream
 from llama4.model.transformer import Transformer
 
@@ -137,14 +137,7 @@ def test_sampling_params_validate():
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     assert SamplingParams(stop="x").stop == ("x",)
-    for name in (
-        "temperature",
-        "top_p",
-        "min_p",
-        "repetition_penalty",
-        "frequency_penalty",
-        "presence_penalty",
-    ):
+    for name in FLOAT_FIELDS:
         with pytest.raises(ValueError, match=f"{name}=nan must be a finite number"):
             SamplingParams(**{name: float("nan")})
 

@@ -26,6 +26,15 @@ from dataclasses import dataclass, field
 import torch
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+# The real-valued fields of SamplingParams (each must be finite).
+FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+)
 
 
 @dataclass(frozen=True)
@@ -49,14 +58,7 @@ class SamplingParams:
         # Accept lists for the tuple fields (frozen: go through object.__setattr__).
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        for name in (
-            "temperature",
-            "top_p",
-            "min_p",
-            "repetition_penalty",
-            "frequency_penalty",
-            "presence_penalty",
-        ):
+        for name in FLOAT_FIELDS:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number")
         if self.max_tokens < 0:
