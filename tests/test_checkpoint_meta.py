@@ -339,6 +339,41 @@ def test_wide_dense_layers_round_trip(tmp_path):
         assert torch.equal(llama4.load(tmp_path)(tokens), ours(tokens))
 
 
+def test_three_ranks_with_a_head_dim_they_do_not_divide(tmp_path, model_parallel):
+    # The reference splits a rank's fused wqkv rows by n_heads + 2 * n_kv_heads: with head_dim 8
+    # on 3 ranks that does not divide, so wq, wk and wv are written apart (it loads those too).
+    cfg = get_preset("debug")
+    cfg.text.rope_scaling = None
+    cfg.text.dim, cfg.text.n_heads, cfg.text.n_kv_heads, cfg.text.head_dim = 48, 6, 3, 8
+    cfg.text.vocab_size, cfg.text.moe.hidden_dim, cfg.text.dense_hidden_dim = 513, 48, 96  # split in 3 too
+    ours = build(cfg, device="cpu")
+    ours.init_weights(seed=0)
+    llama4.save(ours, tmp_path, format="meta", model_parallel=3)
+    shards = [torch.load(tmp_path / f"consolidated.{r:02d}.pth", weights_only=True) for r in range(3)]
+    assert "layers.0.attention.wq.weight" in shards[0] and "layers.0.attention.wqkv.weight" not in shards[0]
+    assert shards[0]["layers.0.attention.wk.weight"].shape == (8, 48)  # one of the 3 kv heads
+    tokens = torch.randint(0, 512, (1, SEQ), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = ours(tokens)
+        assert torch.equal(llama4.load(tmp_path)(tokens), expected)
+        # Meta's own resharding merges the three ranks into what its model loads.
+        params = json.loads((tmp_path / "params.json").read_text())
+        ref = reference(params, seed=7)
+        experts = cfg.text.moe.num_experts  # (E * F, D) per rank -> (E, F, D) before merging
+        merged = reshard_mp([convert_moe_weights(dict(s), experts) for s in shards], size=1, rank=0)
+        ref.load_state_dict(merged, strict=True)
+        assert rel_diff(ref_logits(ref, tokens), expected) <= TOL
+
+
+def test_bad_model_parallel_values_are_clear_errors(tmp_path):
+    model = build(get_preset("debug"), device="cpu")
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="must be a whole number >= 1"):
+            llama4.save(model, tmp_path, format="meta", model_parallel=bad)
+    with pytest.raises(ValueError, match="format='meta' only"):
+        llama4.save(model, tmp_path, model_parallel=2)
+
+
 def test_save_rejects_what_params_json_cannot_say(tmp_path):
     model = build(get_preset("debug"), device="cpu")
     with pytest.raises(ValueError, match="original context 8192"):  # the debug preset's RoPE

@@ -446,3 +446,12 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     last_resumed = json.loads(lines[-1])
     assert [json.loads(x)["step"] for x in lines] == list(range(1, steps + 1))
     assert (last_full["loss"], last_full["val_loss"]) == (last_resumed["loss"], last_resumed["val_loss"])
+
+
+def test_a_multi_process_launch_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    # Under torchrun every rank would train its own copy into the same folder.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = small_config(tmp_path, steps=2)
+    with pytest.raises(ValueError, match="launched as 1 of 2"):
+        Trainer(cfg, log=lambda _: None)
+    assert not (Path(cfg.out) / "checkpoints").exists()

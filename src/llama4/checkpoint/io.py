@@ -122,6 +122,10 @@ def save(
 
         meta.save_meta(model, path, model_parallel=model_parallel)
     elif format == "hf":
+        if model_parallel != 1:
+            raise ValueError(
+                "model_parallel applies to format='meta' only (the HF format is not split by rank)"
+            )
         hf.save_hf(model.state_dict(), model.config, path, max_shard_bytes=max_shard_bytes)
     else:
         raise ValueError(f"unknown checkpoint format {format!r}; choose 'hf' or 'meta'")

@@ -562,12 +562,16 @@ def _unfuse(
     return out
 
 
-def _fuse(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """One rank's tensors under the released names (the inverse of `_unfuse`)."""
+def _fuse(state: dict[str, torch.Tensor], cfg: ModelConfig, n_ranks: int) -> dict[str, torch.Tensor]:
+    """One rank's tensors under the released names (the inverse of `_unfuse`).
+
+    wq, wk and wv stay apart when head_dim is not a multiple of the rank count: the reference
+    splits a rank's fused wqkv rows by the total head count, n_heads + 2 * n_kv_heads."""
     t = cfg.text
+    fuse_qkv = t.head_dim % n_ranks == 0
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        if m := re.fullmatch(r"layers\.(\d+)\.attention\.w([qkv])\.weight", key):
+        if fuse_qkv and (m := re.fullmatch(r"layers\.(\d+)\.attention\.w([qkv])\.weight", key)):
             if m[2] == "q":
                 i = m[1]
                 parts = [state[f"layers.{i}.attention.w{x}.weight"] for x in "qkv"]
@@ -714,8 +718,13 @@ def save_meta(model: Transformer, path: str | Path, *, model_parallel: int = 1) 
     """
     cfg, t = model.config, model.config.text
     n = model_parallel
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"model_parallel={n!r} must be a whole number >= 1")
     params = params_from_config(cfg)
-    for what, count in (("n_heads", t.n_heads), ("n_kv_heads", t.n_kv_heads)):
+    heads = [("n_heads", t.n_heads), ("n_kv_heads", t.n_kv_heads)]
+    if cfg.vision is not None:
+        heads.append(("the vision tower's n_heads", cfg.vision.n_heads))
+    for what, count in heads:
         if count % n:  # each rank holds whole heads
             raise ValueError(f"model_parallel={n} does not divide {what}={count}")
     ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
@@ -751,4 +760,4 @@ def save_meta(model: Transformer, path: str | Path, *, model_parallel: int = 1) 
         old.unlink()
     (path / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     for r, rank in enumerate(ranks):
-        torch.save({k: _own(v) for k, v in _fuse(rank, cfg).items()}, path / f"consolidated.{r:02d}.pth")
+        torch.save({k: _own(v) for k, v in _fuse(rank, cfg, n).items()}, path / f"consolidated.{r:02d}.pth")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from llama4.train.commands import build_or_exit
 from llama4.train.config import add_common_arguments, make_config
 
 
@@ -29,6 +30,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = make_config(args)
     if not cfg.model or not cfg.data:
         raise SystemExit("llama4 finetune needs --model and --data (on the command line or in --config)")
-    record = Trainer(cfg, sft=True).fit()
+    record = build_or_exit("finetune", lambda: Trainer(cfg, sft=True)).fit()
     print(json.dumps(record))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from llama4.train.commands import build_or_exit
 from llama4.train.config import add_common_arguments, make_config
 
 
@@ -29,5 +30,5 @@ def run(args: argparse.Namespace) -> int:
         )
     if cfg.preset and cfg.model:
         raise SystemExit("llama4 train: give --preset (a fresh model) or --model (a checkpoint), not both")
-    print(json.dumps(Trainer(cfg).fit()))
+    print(json.dumps(build_or_exit("train", lambda: Trainer(cfg)).fit()))
     return 0
