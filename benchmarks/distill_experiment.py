@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 
-TEXT = Path("/work/shared/data/text")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the data checkout beside the repo
+
+TEXT = DATA / "text"
 TRAIN_BOOKS = ["austen_emma.txt", "austen_prideprejudice.txt", "austen_sensesensibility.txt"]
 VAL_BOOK = "austen_persuasion.txt"
 DEFAULT_SOFT_WEIGHT = {"hard": 0.0, "fixed": 0.5, "dynamic": 1.0}  # "NAME:W:T" sets W and temperature T

@@ -6,7 +6,7 @@ test (the exact regex runs only where a run of 25k+ (non-)whitespace characters 
 
     python benchmarks/tokenizer_speed.py [PATH ...] [--repeats 3]
 
-PATH is a text file or a folder of .txt files (default: /work/shared/data/text); missing paths are
+PATH is a text file or a folder of .txt files (default: ../shared/data/text, the data checkout beside the repo); missing paths are
 skipped with a note.
 """
 

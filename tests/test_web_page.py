@@ -146,6 +146,25 @@ def test_chat_page(server, browser, tmp_path):
     page.click("#new-chat")
     expect(page.locator(".message")).to_have_count(0)
     expect(page.locator("#empty")).to_be_visible()
+
+    # 5. New chat pressed while a reply streams: the old turn is not sent with the next message.
+    sent: list[list[dict]] = []
+    page.on(
+        "request",
+        lambda r: sent.append(r.post_data_json["messages"]) if r.url.endswith("/chat/completions") else None,
+    )
+    page.fill("#prompt", "OLD CONVERSATION message")
+    page.press("#prompt", "Enter")
+    expect(page.locator(".message.assistant .text").first).not_to_be_empty(timeout=20_000)
+    expect(page.locator("#stop")).to_be_visible()
+    page.click("#new-chat")
+    expect(page.locator("#send")).to_be_visible()
+    page.fill("#max-tokens", "8")
+    page.fill("#prompt", "fresh start")
+    page.press("#prompt", "Enter")
+    expect(page.locator(".message.assistant .meta")).to_contain_text("tokens", timeout=30_000)
+    expect(page.locator(".message.user .text")).to_have_text(["fresh start"])
+    assert [m["content"] for m in sent[-1]] == ["You are a concise assistant.", "fresh start"], sent[-1]
     assert not errors, errors
 
     # A phone-sized screen: the settings panel folds away, the conversation stays readable.

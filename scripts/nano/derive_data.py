@@ -1,4 +1,4 @@
-"""Derive the nano model's training data from /work/shared/data (nothing else is used).
+"""Derive the nano model's training data from ../shared/data (nothing else is used).
 
     python scripts/nano/derive_data.py --out runs/nano/data
 
@@ -34,8 +34,10 @@ import re
 import shutil
 from pathlib import Path
 
-TEXT = Path("/work/shared/data/text")
-IMAGES = Path("/work/shared/data/images")
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # the data checkout beside the repo
+
+TEXT = DATA / "text"
+IMAGES = DATA / "images"
 VALIDATION = "austen_persuasion.txt"
 AUSTEN_REPEATS = 3
 QUESTIONS = ["What is this?", "What is in this image?", "Name this picture.", "What do you see?"]

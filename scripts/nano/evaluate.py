@@ -26,7 +26,9 @@ from llama4.chat import ChatFormat
 from llama4.eval import evaluate_text
 from llama4.tokenizer import Tokenizer
 
-VALIDATION = Path("/work/shared/data/text/austen_persuasion.txt")
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # the data checkout beside the repo
+
+VALIDATION = DATA / "text/austen_persuasion.txt"
 PROMPT = "It is a truth universally acknowledged"
 CHAT_TURNS = [
     "Tell me about the weather this morning.",

@@ -24,7 +24,7 @@ stage() { local name=$1; shift; local t0=$(date +%s); echo "== $name: $*"; "$@";
 
 stage data python scripts/nano/derive_data.py --out $R/data
 stage tokenizer llama4 tokenizer train --vocab-size 8192 --out $R/tokenizer.model \
-  --text $(ls /work/shared/data/text/*.txt | grep -v austen_persuasion.txt)
+  --text $(ls ../shared/data/text/*.txt | grep -v austen_persuasion.txt)
 
 pretrain() {
   llama4 train --config recipes/nano.toml > $R/pretrain.log 2>&1 &
@@ -67,7 +67,7 @@ stage first_run llama4 train --config recipes/nano.toml --steps 100 --out $R/fir
 # Validation bits per byte (austen_persuasion.txt, never trained on) and the checks.
 for m in first_run/model pretrain/model pretrain_dense/model pretrain_more/model pretrain_dense_more/model \
   chat/model vision/model anneal/model anneal_low/model final; do
-  echo "$m $(llama4 eval --model $R/$m --text /work/shared/data/text/austen_persuasion.txt --json)" | tee -a $R/bpb.txt
+  echo "$m $(llama4 eval --model $R/$m --text ../shared/data/text/austen_persuasion.txt --json)" | tee -a $R/bpb.txt
 done
 stage checks python scripts/nano/evaluate.py src/llama4/assets/nano --images $R/data/vision_eval.jsonl \
   --json $R/checks.json

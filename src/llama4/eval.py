@@ -1,6 +1,6 @@
 """`llama4 eval`: bits per byte of a text under a model, tokenizer-independent.
 
-    llama4 eval --text /work/shared/data/text/austen_persuasion.txt          # the bundled model
+    llama4 eval --text ../shared/data/text/austen_persuasion.txt          # the bundled model
     llama4 eval --model runs/nano/pretrain/model --text FILE --json
 
 The text is encoded as ``<|begin_of_text|>`` + its tokens; every text token is scored (the BOS

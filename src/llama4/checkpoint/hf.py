@@ -239,6 +239,14 @@ def text_config_to_hf(t: TextConfig) -> dict[str, Any]:
 
 
 def vision_config_to_hf(v: VisionConfig) -> dict[str, Any]:
+    k = round(1 / v.pixel_shuffle_ratio)
+    if v.mlp_hidden_dim != v.dim * k * k:
+        warnings.warn(
+            f"transformers sizes the vision adapter's input as intermediate_size ({v.mlp_hidden_dim}, the "
+            f"encoder MLP width), but this tower's adapter takes dim x {k * k} = {v.dim * k * k}: llama4.load "
+            "reads this checkpoint, transformers' Llama4ForConditionalGeneration cannot",
+            stacklevel=3,
+        )
     _require(
         v.norm_eps == 1e-5 and not v.projector_bias,
         f"norm_eps={v.norm_eps}, projector_bias={v.projector_bias}: transformers' vision tower always "

@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--system", help="system message")
     p.add_argument(
-        "--max-len", type=positive_int, default=8192, help="conversation length in tokens (default 8192)"
+        "--max-len",
+        type=positive_int,
+        help="conversation length in tokens (default: the model's context, at most 8192)",
     )
     add_sampling_arguments(p, max_tokens=512)
 
@@ -111,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         return fail("chat", str(e))
     from llama4.engine.engine import Engine
 
-    engine = Engine(model, slots=1, max_len=args.max_len, compile=args.compile)
+    max_len = args.max_len or min(8192, model.config.text.max_seq_len)
+    engine = Engine(model, slots=1, max_len=max_len, compile=args.compile)
     chat = Conversation(engine, tokenizer, args.system)
     interactive = sys.stdin.isatty()
     print(f"llama4 chat: {path} ({HELP})", file=sys.stderr)

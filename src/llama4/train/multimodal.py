@@ -15,7 +15,7 @@ Batches go through the Trainer's micro-batch loop in the order they were drawn, 
 travel beside the tokens in a FIFO queue shared by stream and objective.
 
 Records (JSONL) are OpenAI-style dialogs whose image parts name their image in ``"image"``:
-a file path, or a reference into the project's image data (/work/shared/data/images):
+a file path, or a reference into the project's image data (``IMAGE_DATA``):
 ``emoji:INDEX`` (emoji64.npz), ``fashion:train:INDEX`` / ``fashion:test:INDEX`` (Fashion-MNIST),
 each optionally with ``@aug:SEED``, a deterministic augmented view (scaled, shifted, background
 recoloured). The loss is taken on the assistant turns (the chat format's training mask).
@@ -46,6 +46,7 @@ import functools
 import gzip
 import json
 import math
+import os
 import random
 from fractions import Fraction
 from pathlib import Path
@@ -58,7 +59,8 @@ from PIL import Image, ImageDraw
 
 from llama4.train.data import IGNORE
 
-IMAGE_DATA = Path("/work/shared/data/images")
+# The project's image data: the data checkout beside the repository ($LLAMA4_IMAGE_DATA elsewhere).
+IMAGE_DATA = Path(os.environ.get("LLAMA4_IMAGE_DATA", "../shared/data/images"))
 
 
 # -- images -------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@
     history: [], // OpenAI messages of the conversation (without the system prompt)
     pending: [], // data URLs of images attached to the next message
     controller: null, // AbortController of the reply in flight
+    conversation: 0, // counts "New chat"s: a reply that ends after one belongs to no conversation
   };
 
   // ----- settings (kept in localStorage) -----
@@ -225,6 +226,7 @@
   els.stop.addEventListener("click", () => state.controller?.abort());
   els.newChat.addEventListener("click", () => {
     state.controller?.abort();
+    state.conversation += 1;
     state.history = [];
     state.pending = [];
     renderAttachments();
@@ -260,6 +262,7 @@
   async function send() {
     const text = els.prompt.value.trim();
     if (state.controller || (!text && !state.pending.length)) return;
+    const conversation = state.conversation;
     const images = state.pending;
     state.pending = [];
     renderAttachments();
@@ -337,10 +340,11 @@
     } finally {
       typing.remove();
       view.row.classList.remove("streaming");
-      state.controller = null;
+      if (state.controller === controller) state.controller = null;
       setBusy(false);
     }
 
+    if (conversation !== state.conversation) return; // "New chat" was pressed: this turn is gone
     const stopped = controller.signal.aborted;
     if (failure && !reply) {
       view.row.remove();
