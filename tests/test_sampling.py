@@ -146,6 +146,10 @@ def test_token_ids_outside_the_vocabulary_are_a_clear_error(model):
     for bad in (VOCAB, -1):
         with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
             llama4.generate(model, [[1, bad]], 2)
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):  # penalty tables
+            llama4.generate(model, [[1, bad]], 2, repetition_penalty=1.2, temperature=1.0)
+    # prompts as tensors or arrays are sequences of ids too
+    assert llama4.generate(model, [torch.tensor([1, 2])], 2) == llama4.generate(model, [[1, 2]], 2)
     engine = Engine(model, slots=1, max_len=16)
     engine.prefill([0], [[1, 2]])
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -367,6 +367,9 @@ def test_tool_call_parsing_builds_openai_messages():
         'One moment.\n\n{"name": "get_weather", "parameters": {"city": "Oslo"}}',
         "Two  spaces  and [1] a citation  ",
         "plain text\n",
+        '  Hi [get_weather(city="Paris")]',
+        '\nHi\n[get_weather(city="a")]',
+        '\n[get_weather(city="a")]',
     ]:
         msg, _ = build_chat_message(text, ["get_weather"])
         for size in (1, 2, 5, len(text)):

@@ -32,7 +32,6 @@ def hf_config(vc: VisionConfig) -> Llama4Config:
             intermediate_size=vc.mlp_hidden_dim,
             image_size=vc.image_size,
             patch_size=vc.patch_size,
-            norm_eps=vc.norm_eps,
             pixel_shuffle_ratio=vc.pixel_shuffle_ratio,
             projector_input_dim=vc.adapter_dim,
             projector_output_dim=vc.adapter_out_dim,

@@ -97,6 +97,9 @@ class TextConfig:
         self.is_moe = tuple(i in self.moe_layers for i in range(n))
 
 
+VISION_NORM_EPS = 1e-5  # the vision tower's LayerNorms (torch's default, in both references)
+
+
 @dataclass
 class VisionConfig:
     """The vision encoder, pixel shuffle, adapter and projector of early fusion."""
@@ -108,18 +111,31 @@ class VisionConfig:
     n_layers: int = 34
     n_heads: int = 16
     mlp_hidden_dim: int = 5632  # GELU MLP width in each encoder layer
-    norm_eps: float = 1e-5  # LayerNorm epsilon
     rope_theta: float = 10000.0  # 2D rotary embedding of the patches
     pixel_shuffle_ratio: float = 0.5  # 0.5 merges 2x2 patches into one token
     adapter_dim: int = 4096  # hidden width of the 2-layer adapter MLP ("projector_input_dim")
     adapter_out_dim: int = 4096  # output of the adapter ("projector_output_dim")
     vision_output_dim: int = 4096  # input width of the projector (= adapter_out_dim)
-    projector_bias: bool = False
     max_tiles: int = 16  # image preprocessing: most tiles per image (plus the global tile)
 
     # Derived.
     patches_per_side: int = field(init=False)
     tokens_per_tile: int = field(init=False)  # after pixel shuffle: 144 for 336/14 and ratio 0.5
+
+    # Its LayerNorms use eps VISION_NORM_EPS and the projector has no bias, in both references (no
+    # fields for them). Configs written before these fields were dropped may hold them, at those
+    # values only: `from_dict` takes such a dict.
+    _LEGACY = {"norm_eps": VISION_NORM_EPS, "projector_bias": False}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
+        d = dict(d)
+        for key, value in cls._LEGACY.items():
+            if key in d and d.pop(key) != value:
+                raise ValueError(
+                    f"vision {key} must be {value} (the reference tower's), got {d.get(key, 'another')}"
+                )
+        return cls(**d)
 
     def __post_init__(self) -> None:
         assert self.image_size % self.patch_size == 0, (
@@ -144,7 +160,7 @@ class ModelConfig:
         if isinstance(self.text, dict):
             self.text = TextConfig(**self.text)
         if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
+            self.vision = VisionConfig.from_dict(self.vision)
 
     # -- serialisation (our own format; checkpoints use llama4.checkpoint) --------------------
     def to_dict(self) -> dict[str, Any]:
@@ -165,7 +181,7 @@ class ModelConfig:
                 text[key] = tuple(text[key])
         return cls(
             text=TextConfig(**text),
-            vision=VisionConfig(**d["vision"]) if d.get("vision") else None,
+            vision=VisionConfig.from_dict(d["vision"]) if d.get("vision") else None,
             image_token_id=d.get("image_token_id", 200092),
         )
 

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llama4.engine.cli_common import positive_int
+
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, first_scored) per window over ids[0:n_tokens], ids[0] being BOS.
@@ -118,7 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, help="window length in tokens (default: the model's max_seq_len)")
     p.add_argument("--stride", type=int, help="tokens a window advances by (default: context // 2)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (8)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help='print {"bits_per_byte", "loss", "tokens", "bytes"}')
 
 

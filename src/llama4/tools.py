@@ -440,7 +440,7 @@ def parse_tool_calls(
         inside, _, after = rest.partition(PYTHON_END)
         found = _try_parse(inside, allow_bare=True, tool_names=tool_names)
         if found is not None and not after.strip():
-            return before.strip() or None, found
+            return before.rstrip() or None, found
         return body.replace(PYTHON_START, "").replace(PYTHON_END, ""), []
     body = body.replace(PYTHON_END, "")
     stripped = body.rstrip()
@@ -454,7 +454,7 @@ def parse_tool_calls(
     for candidate in itertools.islice(_CANDIDATE.finditer(body), MAX_CANDIDATES):
         found = _try_parse(body[candidate.start() :], allow_bare=False, tool_names=tool_names)
         if found is not None:
-            return body[: candidate.start()].strip() or None, found
+            return body[: candidate.start()].rstrip() or None, found
     return body, []
 
 

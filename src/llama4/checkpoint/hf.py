@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llama4.checkpoint.vision_keys import VISION_KEYS
-from llama4.config import ModelConfig, MoEConfig, RopeScaling, TextConfig, VisionConfig
+from llama4.config import VISION_NORM_EPS, ModelConfig, MoEConfig, RopeScaling, TextConfig, VisionConfig
 
 # (HF name, our name) for the text decoder. Placeholders: `{i}` a layer index, `{rest}` any
 # suffix, any other `{name}` one dotted component; each appears on both sides, so the table
@@ -161,12 +161,9 @@ def text_config_from_hf(tc: dict[str, Any]) -> TextConfig:
 
 def vision_config_from_hf(vc: dict[str, Any]) -> VisionConfig:
     """What transformers' Llama4VisionModel computes for `vc`. It builds its LayerNorms with the
-    default eps (1e-5) and the projector without a bias whatever `norm_eps` and
-    `multi_modal_projector_bias` say, as Meta's reference does; so does this."""
-    _require(
-        vc.get("hidden_act", "gelu") == "gelu",
-        f"vision hidden_act={vc.get('hidden_act')!r} (Llama 4's vision MLPs use 'gelu')",
-    )
+    default eps (1e-5), the projector without a bias and its MLPs with GELU whatever `norm_eps`,
+    `multi_modal_projector_bias` and `hidden_act` say, as Meta's reference does; so does llama4's
+    tower (it has no such settings)."""
     rope = vc.get("rope_parameters") or {}
     return VisionConfig(
         image_size=vc["image_size"],
@@ -245,13 +242,8 @@ def vision_config_to_hf(v: VisionConfig) -> dict[str, Any]:
             f"transformers sizes the vision adapter's input as intermediate_size ({v.mlp_hidden_dim}, the "
             f"encoder MLP width), but this tower's adapter takes dim x {k * k} = {v.dim * k * k}: llama4.load "
             "reads this checkpoint, transformers' Llama4ForConditionalGeneration cannot",
-            stacklevel=3,
+            stacklevel=6,  # the caller of llama4.save
         )
-    _require(
-        v.norm_eps == 1e-5 and not v.projector_bias,
-        f"norm_eps={v.norm_eps}, projector_bias={v.projector_bias}: transformers' vision tower always "
-        "uses LayerNorm eps 1e-5 and a projector without bias, so the HF format cannot hold these",
-    )
     return {
         "model_type": "llama4_vision_model",
         "image_size": v.image_size,
@@ -262,13 +254,13 @@ def vision_config_to_hf(v: VisionConfig) -> dict[str, Any]:
         "num_attention_heads": v.n_heads,
         "intermediate_size": v.mlp_hidden_dim,
         "hidden_act": "gelu",
-        "norm_eps": v.norm_eps,
+        "norm_eps": VISION_NORM_EPS,
         "rope_parameters": {"rope_type": "default", "rope_theta": v.rope_theta},
         "pixel_shuffle_ratio": v.pixel_shuffle_ratio,
         "projector_input_dim": v.adapter_dim,
         "projector_output_dim": v.adapter_out_dim,
         "vision_output_dim": v.vision_output_dim,
-        "multi_modal_projector_bias": v.projector_bias,
+        "multi_modal_projector_bias": False,
         "vision_feature_select_strategy": "default",
     }
 
@@ -316,9 +308,11 @@ def is_multimodal(hf_config: dict[str, Any]) -> bool:
 
 
 def ties_embeddings(hf_config: dict[str, Any]) -> bool:
-    """Whether the output head is the token embedding (transformers then saves no lm_head)."""
-    text = hf_config.get("text_config") or {}
-    return bool(hf_config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+    """Whether transformers makes the output head the token embedding (and saves no lm_head):
+    the text config's flag, top level for Llama4ForCausalLM, `text_config` for the multimodal
+    model (whose language model is a Llama4ForCausalLM of that config)."""
+    text = hf_config["text_config"] if is_multimodal(hf_config) else hf_config
+    return bool(text.get("tie_word_embeddings", False))
 
 
 def save_hf(

@@ -330,13 +330,11 @@ def _vision_from_params(v: dict[str, Any]) -> VisionConfig:
         n_layers=v["n_layers"],
         n_heads=v["n_heads"],
         mlp_hidden_dim=int(v["mlp_ratio"] * v["dim"]),
-        norm_eps=1e-5,  # torch's LayerNorm default, used by the reference
         rope_theta=10000.0,  # VisionEncoder.get_rope_freqs
         pixel_shuffle_ratio=v["pixel_shuffle_ratio"],
         adapter_dim=v["output_dim"],  # PixelShuffleMLP: fc1 and fc2 both output `output_dim`
         adapter_out_dim=v["output_dim"],
         vision_output_dim=v["output_dim"],
-        projector_bias=False,
     )
 
 
@@ -412,8 +410,8 @@ def params_from_config(cfg: ModelConfig) -> dict[str, Any]:
             "the adapter and projector widths must all equal Meta's output_dim",
         )
         need(
-            (v.num_channels, v.norm_eps, v.rope_theta, v.projector_bias) == (3, 1e-5, 10000.0, False),
-            "Meta's vision tower has 3 channels, LayerNorm eps 1e-5, RoPE theta 10000, no projector bias",
+            (v.num_channels, v.rope_theta) == (3, 10000.0),
+            "Meta's vision tower has 3 channels and RoPE theta 10000",
         )
         mlp_ratio = v.mlp_hidden_dim / v.dim
         if int(mlp_ratio * v.dim) != v.mlp_hidden_dim:
@@ -456,17 +454,18 @@ def _ffn_args(dim: int, dense: int | None, moe: int | None) -> dict[str, Any] | 
     # int(multiplier * int(2 * int(ffn_exp * dim) / 3)) must come out at 2F or 2F + 1.
     base = int(2 * int(4 * dim) / 3)
     mult = 1.2 if dense is None else (dense + 0.5) / base
+    if moe is None:  # dense layers only: the released ffn_exp, the multiplier does the rest
+        a = dict(ffn_exp=4.0, ffn_dim_multiplier=mult, multiple_of=1, capacity_factor=1.0, auto_scale_F=True)
+        return a if fits(a) else None
     candidates = []
-    guess = 1 if moe is None else int(2 * moe / mult)
+    guess = int(2 * moe / mult)
     for h in range(max(guess - 2, 1), guess + 4):
         n = -(-3 * h // 2)  # the smallest n with int(2 * n / 3) == h
         candidates.append(dict(ffn_exp=(n + 0.5) / dim, capacity_factor=1.0))
-    if moe is not None:
-        # A large multiplier can step over both 2F and 2F + 1; then the capacity factor (it only
-        # sizes the experts: F = int(X / (capacity_factor + 1))) divides X = int(mult * base)
-        # down to F.
-        x = int(mult * base)
-        candidates.append(dict(ffn_exp=4.0, capacity_factor=x / (moe + 0.5) - 1))
+    # A large multiplier can step over both 2F and 2F + 1; then the capacity factor (it only sizes
+    # the experts: F = int(X / (capacity_factor + 1))) divides X = int(mult * base) down to F.
+    x = int(mult * base)
+    candidates.append(dict(ffn_exp=4.0, capacity_factor=x / (moe + 0.5) - 1))
     for c in candidates:
         a = dict(ffn_dim_multiplier=mult, multiple_of=1, auto_scale_F=True, **c)
         if fits(a):

@@ -63,7 +63,7 @@ def generate(
         frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty,
         stop_ids=tuple(stop_ids),
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),  # one string, not its characters
+        stop=stop,  # SamplingParams takes one string or several
     )
     done = engine.generate(prompts, params, tokenizer=tokenizer, image_features=image_features)
     return [c.tokens for c in done]
@@ -104,7 +104,7 @@ def stream(
         frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty,
         stop_ids=tuple(stop_ids),
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),  # one string, not its characters
+        stop=stop,  # SamplingParams takes one string or several
         logprobs=logprobs,
     )
     return engine.stream(prompts, params, tokenizer=tokenizer, image_features=image_features)

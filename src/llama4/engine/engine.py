@@ -216,10 +216,11 @@ class Engine:
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         """Token ids outside the vocabulary are the caller's error, said as such (the embedding
-        would raise an opaque IndexError, or a device-side assert on GPU)."""
-        if ids and not (0 <= min(ids) and max(ids) < self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        would raise an opaque IndexError, or a device-side assert on GPU). `ids`: any sequence
+        of integers (a list, a 1-D tensor or array)."""
+        bad = [int(i) for i in ids if not 0 <= int(i) < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output head on hidden states (B, D) -> logits (B, V), at least float32.
@@ -295,6 +296,7 @@ class Engine:
         for p in prompts:
             if len(p) >= self.max_len:
                 raise ValueError(f"prompt of {len(p)} tokens does not fit max_len={self.max_len}")
+            self._check_ids(p)  # before the sampler states index their penalty tables with it
         try:
             yield from self._run(prompts, plist, tokenizer, image_features, slots)
         finally:

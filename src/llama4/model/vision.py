@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llama4.config import VisionConfig
+from llama4.config import VISION_NORM_EPS, VisionConfig
 
 __all__ = ["VisionTower", "pixel_shuffle", "rope_2d"]
 
@@ -112,9 +112,9 @@ class VisionMLP(nn.Module):
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn_norm = nn.LayerNorm(cfg.dim, eps=VISION_NORM_EPS)
         self.attn = VisionAttention(cfg.dim, cfg.n_heads)
-        self.mlp_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp_norm = nn.LayerNorm(cfg.dim, eps=VISION_NORM_EPS)
         self.mlp = VisionMLP(cfg.dim, cfg.mlp_hidden_dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -166,11 +166,11 @@ class VisionTower(nn.Module):
         self.patch_embed = nn.Linear(cfg.num_channels * p * p, d, bias=False)
         self.cls_embed = nn.Parameter(torch.empty(d))
         self.pos_embed = nn.Parameter(torch.empty(n_tokens, d))
-        self.norm_pre = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.norm_pre = nn.LayerNorm(d, eps=VISION_NORM_EPS)
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm_post = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.norm_post = nn.LayerNorm(d, eps=VISION_NORM_EPS)
         self.adapter = VisionAdapter(cfg)
-        self.projector = nn.Linear(cfg.vision_output_dim, text_dim, bias=cfg.projector_bias)
+        self.projector = nn.Linear(cfg.vision_output_dim, text_dim, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

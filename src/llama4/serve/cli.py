@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+from llama4.engine.cli_common import positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
@@ -21,10 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port; default 8000)")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots)")
+    p.add_argument(
+        "--max-batch", type=positive_int, default=16, help="sequences decoded together (KV cache slots)"
+    )
     p.add_argument(
         "--max-len",
-        type=int,
+        type=positive_int,
         default=None,
         help="tokens per sequence, prompt + completion (default: min(model's max_seq_len, 8192))",
     )
@@ -47,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=8, help="images per request")
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="torch CPU threads (default on CPU: all cores but one, which the HTTP event loop needs)",
     )
@@ -72,8 +76,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"llama4 serve: {message}", file=sys.stderr)
         return 2
 
-    if args.max_batch < 1:
-        return fail(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -88,9 +90,12 @@ def run(args: argparse.Namespace) -> int:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             torch.set_num_threads(max(1, cores - 1))
         model, tokenizer, path = load_model_and_tokenizer(path, dtype=dtype)
-        model = model.to(device)
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
+    try:
+        model = model.to(device)
+    except (RuntimeError, ValueError, AssertionError) as e:  # unknown device, no GPU, no CUDA build
+        return fail(f"cannot use --device {device!r}: {str(e).splitlines()[0]}")
     cfg = model.config.text
     max_len = args.max_len or min(cfg.max_seq_len, 8192)
     engine = Engine(

@@ -60,7 +60,9 @@ from PIL import Image, ImageDraw
 from llama4.train.data import IGNORE
 
 # The project's image data: the data checkout beside the repository ($LLAMA4_IMAGE_DATA elsewhere).
-IMAGE_DATA = Path(os.environ.get("LLAMA4_IMAGE_DATA", "../shared/data/images"))
+IMAGE_DATA = Path(
+    os.environ.get("LLAMA4_IMAGE_DATA") or Path(__file__).resolve().parents[4] / "shared" / "data" / "images"
+)
 
 
 # -- images -------------------------------------------------------------------------------------------
@@ -492,6 +494,10 @@ def train_tower(config: str | Path, out: str | None = None, steps: int | None = 
     import time
     import tomllib
 
+    from llama4.train.parallel import refuse_multi_process
+
+    refuse_multi_process()
+
     from safetensors.torch import save_file
 
     from llama4.config import VisionConfig
@@ -505,7 +511,11 @@ def train_tower(config: str | Path, out: str | None = None, steps: int | None = 
         raise ValueError(
             f"{config}: the tower stage takes no keys {sorted(unknown)} and needs {sorted(missing)}"
         )
-    seed, tp, vision_cfg = raw.get("seed", 0), dict(raw["tower_pretraining"]), VisionConfig(**raw["vision"])
+    seed, tp, vision_cfg = (
+        raw.get("seed", 0),
+        dict(raw["tower_pretraining"]),
+        VisionConfig.from_dict(raw["vision"]),
+    )
     if set(tp) != {"steps", "batch_size", "lr"}:
         raise ValueError(
             f"{config}: [tower_pretraining] needs exactly steps, batch_size and lr, got {sorted(tp)}"
@@ -532,8 +542,6 @@ def train_tower(config: str | Path, out: str | None = None, steps: int | None = 
 
 def load_tower(path: str | Path):
     """(VisionConfig, state dict) of a tower written by `train_tower`."""
-    import dataclasses
-
     from safetensors.torch import load_file
 
     from llama4.config import VisionConfig
@@ -541,8 +549,7 @@ def load_tower(path: str | Path):
     path = Path(path)
     saved = json.loads((path / "vision_config.json").read_text())
     state = load_file(path / "tower.safetensors")
-    fields = {f.name for f in dataclasses.fields(VisionConfig) if f.init}  # not the derived ones
-    return VisionConfig(**{k: v for k, v in saved.items() if k in fields}), state
+    return VisionConfig.from_dict(saved), state
 
 
 def text_fraction(own: dict[str, Any], config: str | Path) -> Fraction:
@@ -581,7 +588,7 @@ def train_vision(config: str | Path, **overrides: Any) -> dict[str, Any]:
         )
     if "tower" in own or "vision" in own:
         vision_cfg, tower_state = (
-            load_tower(own["tower"]) if "tower" in own else (VisionConfig(**own["vision"]), None)
+            load_tower(own["tower"]) if "tower" in own else (VisionConfig.from_dict(own["vision"]), None)
         )
         from llama4.train.data import load_tokenizer
         from llama4.train.trainer import tokenizer_path_for

@@ -21,17 +21,20 @@ import os
 from torch import nn
 
 
-def parallelize(model: nn.Module, mesh=None) -> nn.Module:
-    """Apply data/expert/tensor parallelism over `mesh`; single device (mesh None): unchanged.
-
-    Under a multi-process launcher (torchrun sets WORLD_SIZE) it refuses: each rank would train
-    its own copy of the model and write over the others' checkpoints and metrics."""
+def refuse_multi_process() -> None:
+    """Training runs in one process until `parallelize` does something: under a multi-process
+    launcher (torchrun sets WORLD_SIZE) each rank would train its own copy of the model and write
+    over the others' checkpoints and metrics. Called first thing, before a model is built."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         raise ValueError(
             f"training runs in one process; this one was launched as 1 of {world} (WORLD_SIZE, e.g. by "
-            "torchrun), which is not supported yet: run `llama4 train` without a launcher"
+            "torchrun), which is not supported yet: run it without a launcher"
         )
+
+
+def parallelize(model: nn.Module, mesh=None) -> nn.Module:
+    """Apply data/expert/tensor parallelism over `mesh`; single device (mesh None): unchanged."""
     if mesh is not None:
         raise NotImplementedError("multi-device training is not implemented yet; see this module's docstring")
     return model

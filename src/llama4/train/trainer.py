@@ -35,7 +35,7 @@ from llama4.train.balance import ExpertBalancer, sequence_balance_loss
 from llama4.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from llama4.train.config import TrainConfig
 from llama4.train.data import IGNORE, Data, build_data, load_tokenizer, tokenizer_fingerprint
-from llama4.train.parallel import parallelize
+from llama4.train.parallel import parallelize, refuse_multi_process
 
 # -- losses -----------------------------------------------------------------------------------------
 
@@ -198,6 +198,7 @@ class Trainer:
         sft: bool = False,
         log: Callable[[str], None] = print,
     ) -> None:
+        refuse_multi_process()
         self.cfg, self.objective, self.log = cfg, objective, log
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
