@@ -165,6 +165,18 @@ def test_chat_page(server, browser, tmp_path):
     expect(page.locator(".message.assistant .meta")).to_contain_text("tokens", timeout=30_000)
     expect(page.locator(".message.user .text")).to_have_text(["fresh start"])
     assert [m["content"] for m in sent[-1]] == ["You are a concise assistant.", "fresh start"], sent[-1]
+
+    # 6. A message the server refuses (longer than the context): the error shows, the text comes
+    # back to the prompt box, and the page keeps working.
+    page.click("#new-chat")
+    long_text = " ".join(["word"] * 3000)
+    page.fill("#prompt", long_text)
+    page.press("#prompt", "Enter")
+    expect(page.locator(".message.error")).to_contain_text("context", timeout=20_000)
+    expect(page.locator("#prompt")).to_have_value(long_text)
+    page.fill("#prompt", "short again")
+    page.press("#prompt", "Enter")
+    expect(page.locator(".message.assistant .meta")).to_contain_text("tokens", timeout=30_000)
     assert not errors, errors
 
     # A phone-sized screen: the settings panel folds away, the conversation stays readable.

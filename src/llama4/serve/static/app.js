@@ -336,7 +336,8 @@
         }
       }
     } catch (e) {
-      if (e.name !== "AbortError") failure = e.message || String(e);
+      if (e.name === "TypeError" && !firstToken) failure = "cannot reach the server (is llama4 serve still running?)";
+      else if (e.name !== "AbortError") failure = e.message || String(e);
     } finally {
       typing.remove();
       view.row.classList.remove("streaming");
@@ -349,6 +350,12 @@
     if (failure && !reply) {
       view.row.remove();
       showError(failure);
+      if (!els.prompt.value) { // give the message back, to edit and send again
+        els.prompt.value = text;
+        state.pending = images;
+        renderAttachments();
+        autosize();
+      }
       return;
     }
     state.history.push(userMessage);
