@@ -146,5 +146,7 @@ def test_vision_config_fields_transformers_ignores(tmp_path):
     d["vision"].update(norm_eps=1e-5, projector_bias=False)
     assert ModelConfig.from_dict(d) == ours.config
     d["vision"]["norm_eps"] = 1e-2
-    with pytest.raises(ValueError, match="vision norm_eps must be 1e-05"):
+    with pytest.raises(
+        ValueError, match=r"vision norm_eps must be 1e-05 \(the reference tower's\), got 0.01"
+    ):
         ModelConfig.from_dict(d)

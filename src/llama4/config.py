@@ -131,10 +131,8 @@ class VisionConfig:
     def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
         d = dict(d)
         for key, value in cls._LEGACY.items():
-            if key in d and d.pop(key) != value:
-                raise ValueError(
-                    f"vision {key} must be {value} (the reference tower's), got {d.get(key, 'another')}"
-                )
+            if key in d and (got := d.pop(key)) != value:
+                raise ValueError(f"vision {key} must be {value} (the reference tower's), got {got}")
         return cls(**d)
 
     def __post_init__(self) -> None:

@@ -218,9 +218,10 @@ class Engine:
         """Token ids outside the vocabulary are the caller's error, said as such (the embedding
         would raise an opaque IndexError, or a device-side assert on GPU). `ids`: any sequence
         of integers (a list, a 1-D tensor or array)."""
-        bad = [int(i) for i in ids if not 0 <= int(i) < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        values = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if values and not (0 <= min(values) and max(values) < self.vocab_size):
+            bad = next(i for i in values if not 0 <= i < self.vocab_size)
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output head on hidden states (B, D) -> logits (B, V), at least float32.
