@@ -48,8 +48,8 @@ class ChatChoiceStream:
         if self.tool_names is None:
             return self._send(len(self.text))
         if not self.holding:
-            # Whitespace waits for what follows: before a call it is not content (the parsed
-            # reply's content is stripped), so it must not have been streamed.
+            # Trailing whitespace waits for what follows: before a call it is not content (the
+            # parsed reply's content ends before it), so it must not have been streamed.
             m = _MAY_OPEN_CALL.search(self.text, self.sent)
             if m is not None:
                 self.holding = True
