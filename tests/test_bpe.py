@@ -83,6 +83,12 @@ def test_train_rejects_bad_input(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match="not UTF-8"):
         bpe.train([tmp_path / "latin1.txt"], 300, tmp_path / "x.model")
+    for text in ("", "  \n", "hello world\n"):  # nothing to learn: no pair occurs twice
+        (tmp_path / "small.txt").write_text(text)
+        with pytest.raises(ValueError, match="taught no merge"):
+            bpe.train([tmp_path / "small.txt"], 1000, tmp_path / "x.model")
+    with pytest.raises(ValueError, match="min_frequency must be >= 1"):
+        bpe.train([TRAIN], 1000, tmp_path / "x.model", min_frequency=-1)
 
 
 def test_cli_train_then_tokenize(tmp_path, capsys):
@@ -95,5 +101,42 @@ def test_cli_train_then_tokenize(tmp_path, capsys):
     ids = json.loads(capsys.readouterr().out)
     tok = Tokenizer.from_file(out)
     assert ids == tok.encode(HELD_OUT.read_text(encoding="utf-8"))
+    # A vocabulary the text cannot fill stops short, and says so.
+    (tmp_path / "short.txt").write_text("the cat sat on the mat; the cat sat on the hat.\n")
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--text",
+                str(tmp_path / "short.txt"),
+                "--vocab-size",
+                "5000",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    said = capsys.readouterr().err
+    assert "(not 5000: no more pairs occur 2 times in this text)" in said
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--text",
+                str(TRAIN),
+                "--vocab-size",
+                "400",
+                "--out",
+                str(out),
+                "--min-frequency",
+                "-1",
+            ]
+        )
+        == 2
+    )
+    assert "min_frequency must be >= 1" in capsys.readouterr().err
     missing = str(tmp_path / "missing.txt")
     assert main(["tokenizer", "train", "--text", missing, "--vocab-size", "400", "--out", str(out)]) == 2

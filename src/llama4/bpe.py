@@ -124,11 +124,22 @@ def save_tiktoken_bpe(ranks: dict[bytes, int], path: str | Path) -> Path:
 
 def train(paths: Sequence[str | Path], vocab_size: int, out: str | Path, min_frequency: int = 2) -> Tokenizer:
     """Train on the text files ``paths``, write the tiktoken file ``out`` and return it loaded
-    (with the 2048 Llama 4 special tokens after the BPE ranks)."""
+    (with the 2048 Llama 4 special tokens after the BPE ranks).
+
+    The vocabulary stops short of ``vocab_size`` when no pair of tokens occurs ``min_frequency``
+    times any more (the returned tokenizer's ``n_base`` says how many); a text that teaches no
+    merge at all is an error."""
     if not paths:
         raise ValueError("no training files given")
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
     hf = train_hf(read_chunks(paths), vocab_size, min_frequency)
-    save_tiktoken_bpe(mergeable_ranks(hf), out)
+    ranks = mergeable_ranks(hf)
+    if len(ranks) <= 256:
+        raise ValueError(
+            f"the text taught no merge (no pair of bytes occurs {min_frequency} times): give more text"
+        )
+    save_tiktoken_bpe(ranks, out)
     return Tokenizer.from_file(out)
 
 

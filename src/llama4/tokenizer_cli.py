@@ -34,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "--text", nargs="+", required=True, type=Path, metavar="FILE", help="UTF-8 text files"
         )
         train.add_argument(
-            "--vocab-size", type=int, required=True, help="BPE tokens (>= 257), specials excluded"
+            "--vocab-size",
+            type=int,
+            required=True,
+            help="BPE tokens (>= 257), specials excluded; at most this many: merging stops when no pair "
+            "occurs --min-frequency times",
         )
         train.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge")
         train.add_argument("--out", type=Path, required=True, help="tiktoken BPE file to write")
@@ -86,7 +90,15 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     tok = bpe.train(args.text, args.vocab_size, args.out, min_frequency=args.min_frequency)
-    print(f"wrote {args.out}: {tok.n_base} BPE tokens + 2048 special = {tok.n_words} ids", file=sys.stderr)
+    short = (
+        f" (not {args.vocab_size}: no more pairs occur {args.min_frequency} times in this text)"
+        if tok.n_base < args.vocab_size
+        else ""
+    )
+    print(
+        f"wrote {args.out}: {tok.n_base} BPE tokens{short} + 2048 special = {tok.n_words} ids",
+        file=sys.stderr,
+    )
     return 0
 
 
