@@ -670,3 +670,34 @@ def test_queue_limit_gives_429_with_retry_after(small_server):
             break
         time.sleep(0.1)
     assert r.status_code == 200, r.text
+
+
+def test_shutdown_ends_running_and_queued_requests_cleanly(model_dir):
+    # SIGTERM with a stream running and a request queued behind it (one slot): the stream ends
+    # with an error event, the queued request gets a JSON 503, and the process exits promptly.
+    import signal
+
+    with ServerProcess(["--model", str(model_dir), "--max-batch", "1"]) as s:
+        body = {"prompt": "Once", "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+        queued: dict = {}
+
+        def wait_in_queue() -> None:
+            r = httpx.post(s.url + "/v1/completions", json={**body, "max_tokens": 4}, timeout=60)
+            queued.update(status=r.status_code, body=r.json())
+
+        lines = []
+        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            it = r.iter_lines()
+            for line in it:  # the stream is running
+                if line.startswith("data: {"):
+                    break
+            waiter = threading.Thread(target=wait_in_queue)
+            waiter.start()
+            time.sleep(0.5)
+            started = time.monotonic()
+            s.proc.send_signal(signal.SIGTERM)
+            lines = [line for line in it if line.startswith("data:")]
+        waiter.join(30)
+        assert s.proc.wait(20) is not None and time.monotonic() - started < 10
+    assert "shutting down" in lines[-1] or "shutting down" in lines[-2], lines[-2:]
+    assert queued["status"] == 503 and "shutting down" in queued["body"]["error"]["message"], queued

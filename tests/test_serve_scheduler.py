@@ -134,8 +134,19 @@ def test_finished_slot_keeps_its_prefix_for_the_next_turn(run, model):
     assert sched.stats.running == 0 and sched.stats.kv_cached_tokens > 0
 
 
+class Outcomes:
+    """The scheduler's metrics hook for finished jobs: how each ended."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str]] = []
+
+    def on_finish(self, job: Job, reason: str) -> None:
+        self.seen.append((job.index, reason))
+
+
 def test_cancel_frees_the_slot_and_queue_is_bounded(run):
-    sched, c = run(slots=1, max_queue=1), Collector()
+    outcomes = Outcomes()
+    sched, c = run(slots=1, max_queue=1, metrics=outcomes), Collector()
     a, b = job(prompt(4, 9), c, 0, max_tokens=200), job(prompt(4, 10), c, 1, max_tokens=3)
     sched.submit([a])
     c.wait(lambda: len(c.events.get(0, [])) >= 2)
@@ -150,6 +161,28 @@ def test_cancel_frees_the_slot_and_queue_is_bounded(run):
     while sched.stats.running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sched.stats.running == 0 and sched.stats.kv_tokens == 0 and sched.stats.waiting == 0
+    # Cancelled while queued counts as cancelled too.
+    d, e = job(prompt(4, 12), c, 3, max_tokens=200), job(prompt(4, 13), c, 4)
+    sched.submit([d])
+    c.wait(lambda: len(c.events.get(3, [])) >= 1)
+    sched.submit([e])
+    sched.cancel([e, d])
+    deadline = time.monotonic() + 5
+    while len(outcomes.seen) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(outcomes.seen) == [(0, "cancelled"), (1, "length"), (3, "cancelled"), (4, "cancelled")]
+
+
+def test_free_slots_take_a_burst_before_the_queue_counts(run):
+    # Jobs that arrive together within one step wait for its end even when slots are free: the
+    # free slots take them first, only the rest counts against max_queue (0: no queue at all).
+    sched, c = run(slots=3, max_queue=0), Collector()
+    sched.submit([job(prompt(4, i), c, i, max_tokens=150) for i in range(2)])
+    sched.submit([job(prompt(4, 2), c, 2, max_tokens=150)])  # the third free slot
+    with pytest.raises(QueueFull):
+        sched.submit([job(prompt(4, 3), c, 3)])
+    sched.cancel([Job([1], SamplingParams(), c.sink, index=9)])  # not queued: nothing happens
+    c.wait(lambda: all(len(c.events.get(i, [])) >= 1 for i in range(3)))  # all three run
 
 
 def test_stop_token_ends_the_job(run, model):

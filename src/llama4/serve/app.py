@@ -394,10 +394,11 @@ def create_app(
     # -- generation --
 
     def submit(prepared: Prepared) -> tuple[list[Job], asyncio.Queue]:
-        if len(prepared.params) > scheduler.max_queue:
+        most = scheduler.max_queue + scheduler.engine.slots  # what it runs and queues at once
+        if len(prepared.params) > most:
             raise RequestError(
-                f"{len(prepared.params)} choices in one request, more than this server queues "
-                f"({scheduler.max_queue}); lower n or send fewer prompts",
+                f"{len(prepared.params)} choices in one request, more than this server holds at once "
+                f"({scheduler.engine.slots} running + {scheduler.max_queue} queued); lower n or send fewer prompts",
                 param="n",
             )
         queue: asyncio.Queue = asyncio.Queue()

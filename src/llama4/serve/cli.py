@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from llama4.engine.cli_common import positive_int
+from llama4.engine.cli_common import non_negative_int, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="tokens per sequence, prompt + completion (default: min(model's max_seq_len, 8192))",
     )
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
+    p.add_argument(
+        "--max-queue",
+        type=non_negative_int,
+        default=64,
+        help="requests waiting for a slot (beyond the free slots) before 429s",
+    )
     p.add_argument("--prefill-budget", type=int, default=512, help="prompt tokens per scheduler step")
     p.add_argument("--no-prefix-cache", action="store_true", help="do not reuse finished sequences' cache")
     p.add_argument(
@@ -142,6 +147,16 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"llama4 serve: listening on http://{args.host if ':' not in args.host else f'[{args.host}]'}:{port}",
           flush=True)  # fmt: skip
+
+    class Server(uvicorn.Server):
+        """Tells the scheduler first when asked to stop (SIGTERM, Ctrl-C): running and queued
+        requests then end with a "shutting down" error (a stream's error event, a JSON 503)
+        before uvicorn's grace period would cut their connections mid-response."""
+
+        def handle_exit(self, sig, frame) -> None:
+            scheduler.stop(timeout=0)
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run(sockets=[sock])
     return 0

@@ -217,6 +217,9 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """End the thread after its current step: running and waiting jobs get a
+        ``SchedulerStopped`` (their requests a 503 or a stream's error event). Waits up to
+        `timeout` seconds for the thread (0: not at all)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
@@ -230,7 +233,9 @@ class Scheduler:
         with self._cond:
             if self._stop or not self.alive:
                 raise SchedulerStopped("the generation scheduler is not running")
-            if len(self._waiting) + len(jobs) > self.max_queue:
+            # Jobs arriving within one step wait for its end even when slots are free: those
+            # that free slots will take at the next step do not count as queued.
+            if len(self._waiting) + len(jobs) > self.max_queue + len(self._free):
                 raise QueueFull(len(self._waiting), self.max_queue)
             self._waiting.extend(jobs)
             self.stats = replace(self.stats, waiting=len(self._waiting))
@@ -244,7 +249,8 @@ class Scheduler:
                 try:
                     self._waiting.remove(job)
                 except ValueError:
-                    pass
+                    continue
+                self._hook("on_finish", job, "cancelled")  # (running jobs: at the next step)
             self.stats = replace(self.stats, waiting=len(self._waiting))
             self._cond.notify_all()
 
@@ -286,7 +292,7 @@ class Scheduler:
                 log.exception("scheduler bookkeeping failed")
                 self._outbox = []
         for job in list(self._running.values()) + list(self._waiting):
-            self._emit(job, RuntimeError("the server is shutting down"))
+            self._emit(job, SchedulerStopped("the server is shutting down"))
         self._flush()
 
     def _step(self) -> None:
@@ -325,6 +331,8 @@ class Scheduler:
                 job = self._waiting.popleft()
                 if not job.cancelled:
                     admitted.append(job)
+                else:
+                    self._hook("on_finish", job, "cancelled")
         for job in admitted:
             self._place(job)
 
