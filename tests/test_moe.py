@@ -32,6 +32,15 @@ def test_sparse_equals_dense(top_k):
         assert rel(moe(x), moe.forward_dense(x)) <= 1e-6
 
 
+@pytest.mark.parametrize("dim, hidden", [(17, 48), (36, 33), (66, 34)])
+def test_widths_grouped_gemm_cannot_take(dim, hidden):
+    # torch._grouped_mm needs 16-byte row strides; other widths take the expert loop.
+    moe = make_moe(top_k=2, dim=dim, hidden=hidden)
+    x = torch.randn(2, 40, dim)  # 160 token-expert pairs: past the few-token path
+    with torch.no_grad():
+        assert rel(moe(x), moe.forward_dense(x)) <= 1e-6
+
+
 def test_uneven_routing_with_empty_experts():
     moe = make_moe(num_experts=8)
     with torch.no_grad():

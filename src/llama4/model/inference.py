@@ -24,6 +24,7 @@ Autograd and torch.compile always take the separate projections (see `Fused.curr
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -86,12 +87,22 @@ def _store_output_major(p: nn.Parameter) -> None:
     p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+_PREPARING = threading.Lock()  # one preparation at a time (engines built on several threads)
+
+
 @torch.no_grad()
 def prepare_for_inference(model: nn.Module) -> nn.Module:
     """Fuse projections and, on CPU, store experts output-major. Idempotent; returns the model.
 
-    Values are unchanged (tests compare logits before and after).
+    Values are unchanged (tests compare logits before and after). The first call moves weights;
+    calls on a prepared model change nothing. Calls on several threads take turns; a forward
+    running on another thread during the first call is the caller's to avoid.
     """
+    with _PREPARING:
+        return _prepare(model)
+
+
+def _prepare(model: nn.Module) -> nn.Module:
     cpu = next(model.parameters()).device.type == "cpu"
     for module in model.modules():
         if isinstance(module, Attention):

@@ -72,13 +72,18 @@ class Experts(nn.Module):
 
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (M, D) tokens sorted by expert, counts: (E,) tokens per expert -> (M, D)."""
-        if x.is_cuda or x.dtype == torch.float32:
+        if (x.is_cuda or x.dtype == torch.float32) and self._grouped_mm_fits(x):
             # One grouped GEMM per weight: no Python loop, no per-expert launches.
             offsets = counts.cumsum(0).to(torch.int32)
             h = torch._grouped_mm(x, self.gate_up_proj, offs=offsets)
             gate, up = h.chunk(2, dim=-1)
             return torch._grouped_mm(F.silu(gate) * up, self.down_proj, offs=offsets)
         return self.forward_loop(x, counts)
+
+    def _grouped_mm_fits(self, x: torch.Tensor) -> bool:
+        """torch._grouped_mm wants every row stride a multiple of 16 bytes: D, 2F and F elements."""
+        D, F = self.down_proj.shape[-1], self.down_proj.shape[-2]
+        return all(n * x.element_size() % 16 == 0 for n in (D, 2 * F, F))
 
     def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Same as forward_grouped with a loop over the non-empty experts."""
