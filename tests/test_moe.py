@@ -101,3 +101,16 @@ def test_balancing_bias_steers_choice_not_gate():
         after = moe.last_routing
     assert (after.experts == 3).all()
     assert torch.allclose(after.gates[:, 0], torch.sigmoid(before.logits[:, 3]))
+
+
+def test_router_stays_float32_under_autocast():
+    # The trainer's bf16 steps run under autocast, which would cast the router's product back
+    # to bf16: its logits and gates must be those of float32.
+    moe = make_moe(num_experts=6, top_k=2)
+    x = torch.randn(100, 32)
+    with torch.no_grad():
+        plain = moe.router(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = moe.router(x)
+    assert mixed.logits.dtype == mixed.gates.dtype == torch.float32
+    assert torch.equal(mixed.logits, plain.logits) and torch.equal(mixed.experts, plain.experts)

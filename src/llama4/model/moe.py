@@ -51,10 +51,13 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:  # x: (N, D)
         f32 = torch.float32
-        logits = linear(  # the router runs in float32
-            x if x.dtype == f32 else x.float(),
-            self.weight if self.weight.dtype == f32 else self.weight.float(),
-        )
+        x32 = x if x.dtype == f32 else x.float()
+        w32 = self.weight if self.weight.dtype == f32 else self.weight.float()
+        if torch.is_autocast_enabled(x.device.type):  # (a training step): autocast would cast back
+            with torch.autocast(x.device.type, enabled=False):
+                logits = linear(x32, w32)  # the router runs in float32
+        else:
+            logits = linear(x32, w32)
         # Adding the (usually zero) bias unconditionally: testing it first would cost a device
         # sync per layer per step on GPU.
         experts = (logits + self.bias).topk(self.top_k, dim=-1).indices  # (N, k)
