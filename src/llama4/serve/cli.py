@@ -103,6 +103,12 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"cannot use --device {device!r}: {str(e).splitlines()[0]}")
     cfg = model.config.text
     max_len = args.max_len or min(cfg.max_seq_len, 8192)
+    if max_len > cfg.max_seq_len:
+        print(
+            f"llama4 serve: WARNING: --max-len {max_len} is past the model's context of {cfg.max_seq_len} "
+            "tokens: positions beyond it were never trained",
+            flush=True,
+        )
     engine = Engine(
         model, slots=args.max_batch, max_len=max_len, prefill_chunk=max(2048, args.prefill_budget)
     )
