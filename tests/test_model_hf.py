@@ -206,3 +206,21 @@ def test_configs_llama4_cannot_compute_are_refused(tmp_path, field, value, match
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
         llama4.load(tmp_path)
+
+
+def test_released_config_quirks(tmp_path):
+    # Meta's released config.json says "attn_temperature_tuning": 4 (a flag to transformers
+    # 4.51): it loads as True and is written back as a bool that transformers and Meta accept.
+    random_hf_model(9).save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    config["attn_temperature_tuning"] = 4
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    ours = llama4.load(tmp_path / "a")
+    assert ours.config.text.attn_temperature_tuning is True
+    llama4.save(ours, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["attn_temperature_tuning"] is True
+    # FP8 releases: a clear refusal, not a list of unexpected tensors.
+    config["quantization_config"] = {"quant_method": "fbgemm_fp8"}
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantized weights \\(fbgemm_fp8\\)"):
+        llama4.load(tmp_path / "a")

@@ -146,7 +146,8 @@ def text_config_from_hf(tc: dict[str, Any]) -> TextConfig:
         moe_layers=tuple(moe_layers),
         attention_chunk_size=tc.get("attention_chunk_size") or 8192,
         qk_norm=tc.get("use_qk_norm", True),
-        attn_temperature_tuning=tc.get("attn_temperature_tuning", True),
+        # Meta's released configs say 4 (transformers 4.51 read it as a flag): a bool here.
+        attn_temperature_tuning=bool(tc.get("attn_temperature_tuning", True)),
         floor_scale=tc.get("floor_scale", 8192),
         attn_scale=tc.get("attn_scale", 0.1),
         max_seq_len=tc.get("max_position_embeddings", 131072),
@@ -182,6 +183,12 @@ def vision_config_from_hf(vc: dict[str, Any]) -> VisionConfig:
 
 
 def config_from_hf(d: dict[str, Any]) -> ModelConfig:
+    quant = d.get("quantization_config") or (d.get("text_config") or {}).get("quantization_config")
+    _require(
+        not quant,
+        f"quantized weights ({(quant or {}).get('quant_method', 'unknown method')}): llama4 loads bf16/fp32/fp16 "
+        "checkpoints; use the BF16 release",
+    )
     if "text_config" in d:  # Llama4ForConditionalGeneration
         vision = d.get("vision_config")
         return ModelConfig(
