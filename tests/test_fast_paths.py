@@ -146,38 +146,36 @@ def test_prepare_keeps_values_and_state_dict():
     assert torch.equal(fused.weight[n_q : n_q + fused.sizes[1]], model.layers[0].attention.k_proj.weight)
 
 
-def test_engines_built_on_several_threads_prepare_the_model_once():
-    # Each Engine prepares its model; three threads starting on one fresh model must not move
-    # the same weights at once (that read freed storage and corrupted them for good).
-    import copy
+def test_engines_built_on_several_threads_prepare_the_model_once(monkeypatch):
+    # Each Engine prepares its model, which moves weights; three threads starting on one fresh
+    # model must take turns (at once, one read storage another had freed: corrupted weights).
     import threading
+    import time
 
-    import llama4
+    from llama4.model import inference
 
-    cfg = ModelConfig(
-        text=TextConfig(
-            vocab_size=1031, dim=256, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=8, dense_hidden_dim=512,
-            attention_chunk_size=4, nope_interval=2, max_seq_len=256,
-            moe=MoEConfig(num_experts=2, top_k=1, hidden_dim=256, interleave_step=2),
-        )
-    )  # fmt: skip
-    fresh = Transformer(cfg)
-    fresh.init_weights(3)
-    weights = {k: v.clone() for k, v in fresh.state_dict().items()}
-    expected = llama4.generate(copy.deepcopy(fresh), [[5, 6, 7, 8, 9]], 10)
+    inside, most = [0], [0]
+    prepare = inference._prepare
 
-    def run(model: Transformer, out: list, i: int) -> None:
-        out[i] = llama4.generate(model, [[5, 6, 7, 8, 9]], 10)
+    def slow_prepare(model):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.05)  # long enough for the other threads to arrive
+        try:
+            return prepare(model)
+        finally:
+            inside[0] -= 1
 
-    for _ in range(6):  # the race hit ~60% of tries before the fix
-        model, out = copy.deepcopy(fresh), [None] * 3
-        threads = [threading.Thread(target=run, args=(model, out, i)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert out == [expected] * 3
-        assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    monkeypatch.setattr(inference, "_prepare", slow_prepare)
+    model = small_model()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    threads = [threading.Thread(target=prepare_for_inference, args=(model,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
 def test_prepare_steps_aside_for_lora_and_replaced_weights():

@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from llama4.engine.cli_common import positive_int
+
 TRAIN_VERB = "tokenizer"
 TOKENIZE_VERB = "tokenize"
 
@@ -40,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help="BPE tokens (>= 257), specials excluded; at most this many: merging stops when no pair "
             "occurs --min-frequency times",
         )
-        train.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge")
+        train.add_argument(
+            "--min-frequency", type=positive_int, default=2, help="least count of a pair to merge"
+        )
         train.add_argument("--out", type=Path, required=True, help="tiktoken BPE file to write")
     else:
         raise ValueError(f"{__name__} serves the verbs {TRAIN_VERB!r} and {TOKENIZE_VERB!r}, not {verb!r}")
@@ -91,7 +95,7 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     tok = bpe.train(args.text, args.vocab_size, args.out, min_frequency=args.min_frequency)
     short = (
-        f" (not {args.vocab_size}: no more pairs occur {args.min_frequency} times in this text)"
+        f" (not {args.vocab_size}: no more pairs occur at least {args.min_frequency} times in this text)"
         if tok.n_base < args.vocab_size
         else ""
     )

@@ -53,7 +53,7 @@ class Router(nn.Module):
         f32 = torch.float32
         x32 = x if x.dtype == f32 else x.float()
         w32 = self.weight if self.weight.dtype == f32 else self.weight.float()
-        if torch.is_autocast_enabled(x.device.type):  # (a training step): autocast would cast back
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # autocast would cast back
             with torch.autocast(x.device.type, enabled=False):
                 logits = linear(x32, w32)  # the router runs in float32
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 from llama4.engine.cli_common import non_negative_int, positive_int
 
@@ -160,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
         before uvicorn's grace period would cut their connections mid-response."""
 
         def handle_exit(self, sig, frame) -> None:
-            scheduler.stop(timeout=0)
+            # From another thread: a signal handler must not wait for the scheduler's lock.
+            threading.Thread(target=scheduler.stop, kwargs={"timeout": 0}, daemon=True).start()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)

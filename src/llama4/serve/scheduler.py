@@ -2,7 +2,8 @@
 
 Each request choice is a ``Job`` (a prompt, its ``SamplingParams``, optional images, and a sink
 that receives ``llama4.engine.Event``s). Jobs wait in a bounded FIFO queue; ``submit`` refuses
-with ``QueueFull`` past ``max_queue`` waiting jobs, and the HTTP layer turns that into a 429.
+with ``QueueFull`` past ``max_queue`` waiting jobs beyond the free slots (jobs arriving within
+one step wait for its end, even for a free slot), and the HTTP layer turns that into a 429.
 
 One step of the scheduler thread:
 
@@ -23,8 +24,9 @@ One step of the scheduler thread:
 Sampling is the engine's (``sample_tokens`` below only replaces its final draw, see there).
 
 All engine and cache calls happen on the scheduler thread. Other threads only touch the
-waiting queue (under a lock), set ``Job.cancelled``, and read ``stats`` (an immutable
-snapshot replaced after every step).
+waiting queue and the count of open slots (under a lock), set ``Job.cancelled``, and read
+``stats`` (an immutable snapshot replaced after every step). Metrics hooks may be called from
+any of these threads.
 
 Engine operations used: ``prefill(slots, pieces, features)`` (appends to a slot after what it
 holds, so chunked prefill is repeated calls), ``decode(slots, tokens)``, ``free(slot)``,
@@ -169,7 +171,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Scheduler:
     """Owns `engine` on a background thread; see the module doc.
 
-    tokenizer: for text deltas and stop strings. max_queue: waiting jobs at most.
+    tokenizer: for text deltas and stop strings. max_queue: waiting jobs at most, beyond the
+    free slots.
     prefill_budget: prompt tokens per step. metrics: an object with optional hooks
     (``on_admit(job, cached)``, ``on_token(job, first)``, ``on_finish(job, reason)``, ``on_step(batch)``).
     dispatch: called with the (sink, event) pairs of each forward, once (the server hands them
@@ -203,6 +206,7 @@ class Scheduler:
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: dict[int, Job] = {}  # slot -> job, in admission order
         self._free: list[int] = list(range(engine.slots))  # least recently used first
+        self._open = engine.slots  # free slots no admitted job has claimed yet (under _cond)
         self._slot_keys: list[list[int]] = [[] for _ in range(engine.slots)]
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -235,7 +239,7 @@ class Scheduler:
                 raise SchedulerStopped("the generation scheduler is not running")
             # Jobs arriving within one step wait for its end even when slots are free: those
             # that free slots will take at the next step do not count as queued.
-            if len(self._waiting) + len(jobs) > self.max_queue + len(self._free):
+            if len(self._waiting) + len(jobs) > self.max_queue + self._open:
                 raise QueueFull(len(self._waiting), self.max_queue)
             self._waiting.extend(jobs)
             self.stats = replace(self.stats, waiting=len(self._waiting))
@@ -333,6 +337,7 @@ class Scheduler:
                     admitted.append(job)
                 else:
                     self._hook("on_finish", job, "cancelled")
+            self._open -= len(admitted)
         for job in admitted:
             self._place(job)
 
@@ -369,7 +374,9 @@ class Scheduler:
         if not (keep and self.prefix_cache):
             self.engine.free(job.slot)
             self._slot_keys[job.slot] = []
-        self._free.append(job.slot)  # most recently used last
+        with self._cond:
+            self._free.append(job.slot)  # most recently used last
+            self._open += 1
         job.features = None
 
     @torch.inference_mode()

@@ -336,7 +336,7 @@
         }
       }
     } catch (e) {
-      if (e.name === "TypeError" && !firstToken) failure = "cannot reach the server (is llama4 serve still running?)";
+      if (e.name === "TypeError" && !firstToken) failure = `cannot reach the server (is llama4 serve still running?): ${e.message}`;
       else if (e.name !== "AbortError") failure = e.message || String(e);
     } finally {
       typing.remove();
@@ -352,7 +352,7 @@
       showError(failure);
       if (!els.prompt.value) { // give the message back, to edit and send again
         els.prompt.value = text;
-        state.pending = images;
+        state.pending = [...images, ...state.pending];
         renderAttachments();
         autosize();
       }
