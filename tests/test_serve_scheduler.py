@@ -15,7 +15,7 @@ from llama4.config import get_preset
 from llama4.engine import Engine, SamplingParams
 from llama4.engine.sampling import SamplerState
 from llama4.model.transformer import Transformer
-from llama4.serve.scheduler import Job, QueueFull, Scheduler, sample_tokens
+from llama4.serve.scheduler import Job, QueueFull, Scheduler, SchedulerStopped, sample_tokens
 from llama4.tokenizer import Tokenizer
 
 
@@ -183,6 +183,21 @@ def test_free_slots_take_a_burst_before_the_queue_counts(run):
         sched.submit([job(prompt(4, 3), c, 3)])
     sched.cancel([Job([1], SamplingParams(), c.sink, index=9)])  # not queued: nothing happens
     c.wait(lambda: all(len(c.events.get(i, [])) >= 1 for i in range(3)))  # all three run
+
+
+def test_drain_refuses_new_and_queued_work_and_lets_running_jobs_finish(run):
+    # A server going down: queued jobs fail at once, running ones run to their end.
+    sched, c = run(slots=1), Collector()
+    running, queued = job(prompt(4, 20), c, 0, max_tokens=40), job(prompt(4, 21), c, 1)
+    sched.submit([running])
+    c.wait(lambda: len(c.events.get(0, [])) >= 1)
+    sched.submit([queued])
+    sched.drain()
+    with pytest.raises(SchedulerStopped, match="shutting down"):
+        sched.submit([job(prompt(4, 22), c, 2)])
+    c.wait(lambda: c.done(0))
+    assert len(c.events[0]) == 40 and 1 not in c.events  # the queued job never ran
+    assert [str(e) for e in c.errors] == ["the server is shutting down"]
 
 
 def test_stop_token_ends_the_job(run, model):

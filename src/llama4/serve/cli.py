@@ -155,16 +155,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"llama4 serve: listening on http://{args.host if ':' not in args.host else f'[{args.host}]'}:{port}",
           flush=True)  # fmt: skip
 
-    class Server(uvicorn.Server):
-        """Tells the scheduler first when asked to stop (SIGTERM, Ctrl-C): running and queued
-        requests then end with a "shutting down" error (a stream's error event, a JSON 503)
-        before uvicorn's grace period would cut their connections mid-response."""
+    grace = 5.0  # seconds uvicorn lets requests finish after SIGTERM / Ctrl-C, then cuts them
 
+    def wind_down() -> None:
+        """Queued requests fail at once (a JSON 503), running ones may finish; those still running
+        just before the grace period ends stop with a "shutting down" error (a stream's error
+        event), not a connection cut mid-response."""
+        scheduler.drain()
+        time.sleep(grace - 1.0)
+        scheduler.stop(timeout=0)
+
+    class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            # From another thread: a signal handler must not wait for the scheduler's lock.
-            threading.Thread(target=scheduler.stop, kwargs={"timeout": 0}, daemon=True).start()
+            # On another thread: a signal handler must not wait for the scheduler's lock.
+            threading.Thread(target=wind_down, daemon=True).start()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=grace)
     Server(config).run(sockets=[sock])
     return 0

@@ -209,6 +209,7 @@ class Scheduler:
         self._open = engine.slots  # free slots no admitted job has claimed yet (under _cond)
         self._slot_keys: list[list[int]] = [[] for _ in range(engine.slots)]
         self._stop = False
+        self._draining = False  # no new work: see `drain`
         self._thread: threading.Thread | None = None
         self._steps = 0
         self._last_batch = 0
@@ -230,11 +231,20 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def drain(self) -> None:
+        """Take no more work (a server going down): new jobs are refused and waiting ones get a
+        ``SchedulerStopped`` at the next step; running jobs go on until they end or `stop`."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue all `jobs` or none (raises ``QueueFull``)."""
         for job in jobs:
             job.keys = self._keys(job)
         with self._cond:
+            if self._draining:
+                raise SchedulerStopped("the server is shutting down")
             if self._stop or not self.alive:
                 raise SchedulerStopped("the generation scheduler is not running")
             # Jobs arriving within one step wait for its end even when slots are free: those
@@ -331,6 +341,10 @@ class Scheduler:
     def _admit(self) -> None:
         admitted = []
         with self._cond:
+            if self._draining:
+                refused, self._waiting = list(self._waiting), collections.deque()
+                for job in refused:
+                    self._emit(job, SchedulerStopped("the server is shutting down"))
             while self._waiting and len(admitted) < len(self._free):
                 job = self._waiting.popleft()
                 if not job.cancelled:
