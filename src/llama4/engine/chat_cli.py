@@ -17,6 +17,7 @@ from llama4.engine.cli_common import (
     CliError,
     add_model_arguments,
     add_sampling_arguments,
+    default_max_len,
     fail,
     image_inputs,
     load,
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("chat", str(e))
     from llama4.engine.engine import Engine
 
-    max_len = args.max_len or min(8192, model.config.text.max_seq_len)
+    max_len = args.max_len or default_max_len(model)
     engine = Engine(model, slots=1, max_len=max_len, compile=args.compile)
     chat = Conversation(engine, tokenizer, args.system)
     interactive = sys.stdin.isatty()

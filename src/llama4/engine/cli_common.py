@@ -87,10 +87,21 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return to_device(model, device), tokenizer, path
+
+
+def to_device(model: Any, device: str) -> Any:
+    """`model` on `device`, or a CliError that says why not."""
     try:
-        return model.to(device), tokenizer, path
+        return model.to(device)
     except (RuntimeError, ValueError, AssertionError) as e:  # unknown device, no GPU, no CUDA build
         raise CliError(f"cannot use --device {device!r}: {str(e).splitlines()[0]}") from None
+
+
+def default_max_len(model: Any) -> int:
+    """Tokens per sequence when --max-len is not given: the model's context, at most 8192 (the
+    cache is allocated up front: Scout's 10M-token context would not fit)."""
+    return min(model.config.text.max_seq_len, 8192)
 
 
 def fail(verb: str, message: str) -> int:

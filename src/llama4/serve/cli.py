@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 
-from llama4.engine.cli_common import non_negative_int, positive_int
+from llama4.engine.cli_common import CliError, default_max_len, non_negative_int, positive_int, to_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,14 +96,11 @@ def run(args: argparse.Namespace) -> int:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             torch.set_num_threads(max(1, cores - 1))
         model, tokenizer, path = load_model_and_tokenizer(path, dtype=dtype)
-    except (FileNotFoundError, ValueError) as e:
+        model = to_device(model, device)
+    except (FileNotFoundError, ValueError, CliError) as e:
         return fail(str(e))
-    try:
-        model = model.to(device)
-    except (RuntimeError, ValueError, AssertionError) as e:  # unknown device, no GPU, no CUDA build
-        return fail(f"cannot use --device {device!r}: {str(e).splitlines()[0]}")
     cfg = model.config.text
-    max_len = args.max_len or min(cfg.max_seq_len, 8192)
+    max_len = args.max_len or default_max_len(model)
     if max_len > cfg.max_seq_len:
         print(
             f"llama4 serve: WARNING: --max-len {max_len} is past the model's context of {cfg.max_seq_len} "
