@@ -9,10 +9,11 @@ Roofline: at small batch, decoding streams the weights from memory once per step
 step must read (attention, router, shared expert, the experts the step's tokens chose, the
 output head, one embedding row per token, the KV cache) divided by this machine's bandwidth
 (the best of a 256 MiB fp32 matvec through MKL, through oneDNN and through llama4's kernel,
-and a plain 1 GiB sum: the machine's bandwidth, not one kernel's) is the fastest a step can
-be; "roofline" is that time / the measured step time. The issue's own definition divides by the
-measured matvec bandwidth (the best of the three matvecs, without the sum, which is usually
-faster): that figure is printed too, as "matvec roofline". transformers runs every expert on
+and a plain 1 GiB sum: the machine's bandwidth, not one kernel's; where the system offers huge
+pages, which llama4 puts decoding weights on, the oneDNN and llama4 matvecs and the sum also run
+on huge pages) is the fastest a step can be; "roofline" is that time / the measured step time.
+The issue's own definition divides by the measured matvec bandwidth (the best of the matvecs,
+without the sum, which is usually faster): that figure is printed too, as "matvec roofline". transformers runs every expert on
 every token (its Llama4TextExperts is a dense bmm), so it reads all E experts per layer.
 
 Then llama4 alone again with bfloat16 weights (skip with --no-bf16): tokens/s against its
@@ -57,23 +58,33 @@ def matvec_bandwidth(
 
 
 def memory_bandwidth(reps: int = 10) -> dict[str, float]:
-    """GB/s of reading memory, up to four ways: a 256 MiB fp32 matvec through MKL, through oneDNN
-    and through llama4's kernel (the "*_matvec" entries), and a 1 GiB sum."""
-    from llama4 import kernels
+    """GB/s of reading memory, several ways: a 256 MiB fp32 matvec through MKL, through oneDNN
+    and through llama4's kernel (the "*_matvec" entries), and a 1 GiB sum; where the system offers
+    huge pages (llama4 puts decoding weights there), oneDNN's and llama4's matvec and the sum
+    again on huge pages ("*_huge": the bandwidth the engine's weights can get, so the roofline
+    holds the engine to it)."""
+    from llama4.model.inference import HUGE_PAGES, huge_empty
 
     W = torch.randn(8192, 8192)
     x = torch.randn(1, 8192)
     big = torch.randn(2**28)
-    out = {
-        "mkl_matvec": matvec_bandwidth(torch.float32, reps=reps)[0],
-        "sum_1gib": big.numel() * 4 / _best(lambda: big.sum(), reps) / 1e9,
-    }
+    out = {"mkl_matvec": matvec_bandwidth(torch.float32, reps=reps)[0]}
+    _read_ways(out, "", W, x, big, reps)
+    if HUGE_PAGES:
+        W, big = huge_empty(W.shape, W.dtype).copy_(W), huge_empty(big.shape, big.dtype).copy_(big)
+        _read_ways(out, "_huge", W, x, big, reps)
+    return out
+
+
+def _read_ways(out: dict[str, float], pages: str, W, x, big, reps: int) -> None:
+    from llama4 import kernels
+
+    out[f"sum_1gib{pages}"] = big.numel() * 4 / _best(lambda: big.sum(), reps) / 1e9
     if torch.backends.mkldnn.is_available():
         onednn = lambda: torch.ops.mkldnn._linear_pointwise(x, W, None, "none", [], "")  # noqa: E731
-        out["onednn_matvec"] = W.numel() * 4 / _best(onednn, reps) / 1e9
+        out[f"onednn{pages}_matvec"] = W.numel() * 4 / _best(onednn, reps) / 1e9
     if kernels.available():
-        out["llama4_matvec"] = W.numel() * 4 / _best(lambda: kernels.few_rows(x, W), reps) / 1e9
-    return out
+        out[f"llama4{pages}_matvec"] = W.numel() * 4 / _best(lambda: kernels.few_rows(x, W), reps) / 1e9
 
 
 def best_bandwidths(ways: dict[str, float], before: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float]:
@@ -234,10 +245,11 @@ def _hf_generate(hf, ids, n_new, clock, kw):
 
 def measure_ours(
     model, prompts, n, repeats
-) -> tuple[float, float | None, list[list[int]], list[list[int]], list[dict]]:
+) -> tuple[float, float | None, list[list[int]], list[list[int]], list[dict], float]:
     """llama4 on `prompts`: (median decode step in s, the same on torch's kernels alone (None
     without llama4's compiled kernels), tokens, distinct experts per layer per step, bytes each
-    step reads (`step_bytes`)). The two kernel choices alternate run by run, so a busier or
+    step reads (`step_bytes`), bytes read ahead per token (llama4.kernels.ReadAhead: between
+    products, an idle thread reads the next products' weights into the cache)). The two kernel choices alternate run by run, so a busier or
     quieter moment of a shared machine affects both alike."""
     from llama4 import kernels
     from llama4.engine import Engine
@@ -246,10 +258,12 @@ def measure_ours(
     engine = Engine(model, slots=batch, max_len=len(prompts[0]) + n + 1)
     routing = count_routing(model, engine, prompts, n)
     compare = kernels.available()
-    steps, torch_steps = [], []
+    steps, torch_steps, ahead = [], [], 0
     with torch.inference_mode():
         for _ in range(repeats):
+            before = kernels.read_ahead_total()
             s, tokens = time_ours(engine, prompts, n, 1)
+            ahead += kernels.read_ahead_total() - before
             steps += s
             if compare:
                 with kernels.disabled():
@@ -260,6 +274,7 @@ def measure_ours(
         tokens,
         routing,
         [step_bytes(model, r, batch, kv_tokens) for r in routing],
+        ahead / (repeats * n),
     )
 
 
@@ -273,7 +288,7 @@ def time_bf16(path, all_prompts, n, repeats, bw, fp32_rows) -> dict[int, dict[st
     model = llama4.load(path, dtype="bfloat16")
     rows = {}
     for batch, prompts in all_prompts.items():
-        step_s, _, _, _, per_step = measure_ours(model, prompts, n, repeats)
+        step_s, _, _, _, per_step, _ = measure_ours(model, prompts, n, repeats)
         nbytes = statistics.mean(b["ours"] for b in per_step)
         rows[batch] = r = {
             "tokens_per_s": batch / step_s,
@@ -340,7 +355,9 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = torch.randint(0, args.vocab, (batch, args.prompt), generator=g).tolist()
         all_prompts[batch] = prompts
-        step_s, torch_step_s, ours_tokens, routing, per_step = measure_ours(model, prompts, n, args.repeats)
+        step_s, torch_step_s, ours_tokens, routing, per_step, ahead = measure_ours(
+            model, prompts, n, args.repeats
+        )
         # the machine may be busier or quieter now
         bw, bw_mv = best_bandwidths(memory_bandwidth(reps=5), (bw, bw_mv))
         ours_bytes = statistics.mean(b["ours"] for b in per_step)
@@ -354,12 +371,14 @@ def main() -> None:
             "roofline_fraction": roof_s / step_s,
             "matvec_roofline_fraction": ours_bytes / (bw_mv * 1e9) / step_s,
             "distinct_experts_per_layer": statistics.mean(sum(r) / len(r) for r in routing),
+            "read_ahead_mb_per_step": ahead / 1e6,
         }
         line = (
             f"\nbatch {batch}: llama4 {row['ours_tokens_per_s']:.1f} tokens/s ({step_s * 1e3:.1f} ms/step); "
             f"reads {ours_bytes / 1e6:.0f} MB/step ({row['distinct_experts_per_layer']:.1f} experts/layer) "
             f"-> roofline {roof_s * 1e3:.1f} ms/step = {row['roofline_fraction'] * 100:.0f}% of roofline "
-            f"({row['matvec_roofline_fraction'] * 100:.0f}% of the matvec roofline)"
+            f"({row['matvec_roofline_fraction'] * 100:.0f}% of the matvec roofline); "
+            f"{ahead / 1e6:.0f} MB/step read ahead between products"
         )
         print(line)
         if torch_step_s is not None:  # the same engine on torch's kernels (oneDNN, F.rms_norm)

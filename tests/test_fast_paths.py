@@ -5,18 +5,20 @@
 - `attention.decode_attention` (one query per row, two matmuls) == SDPA
 - `layers.rms_norm` (torch's fused kernel for float32) == the formula
 - `MoE._forward_few` (loop over chosen experts) == grouped dispatch == dense
-- `prepare_for_inference` (fused q/k/v and gate/up, transposed experts): same logits, same
-  state_dict, same Parameter objects; training, LoRA, torch.compile and weights replaced after
+- `prepare_for_inference` (fused q/k/v and gate/up, transposed experts, huge pages): same
+  logits, same state_dict, same Parameter objects; training, LoRA, torch.compile and weights replaced after
   it ran take the separate projections; preparing again re-fuses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import mmap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from llama4.config import ModelConfig, MoEConfig, TextConfig
 from llama4.engine import Engine, SamplingParams
@@ -144,6 +146,63 @@ def test_prepare_keeps_values_and_state_dict():
     fused = model.layers[0].attention.fused_qkv
     n_q = fused.sizes[0]
     assert torch.equal(fused.weight[n_q : n_q + fused.sizes[1]], model.layers[0].attention.k_proj.weight)
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no madvise(MADV_HUGEPAGE) on this system")
+def test_prepare_moves_weights_to_huge_pages(monkeypatch):
+    """Storages of a huge page and more move to huge-page memory (here a page is 4 KiB, so the
+    small model's weights count): same Parameter objects and values, storages shared before are
+    shared after, the fused views still valid, the same logits; a second prepare moves nothing;
+    training updates the moved weights in place."""
+    from llama4.model import inference
+
+    monkeypatch.setattr(inference, "HUGE_PAGES", True)
+    monkeypatch.setattr(inference, "HUGE_PAGE", 4096)
+    model = small_model(seed=5)
+    model.output.weight = nn.Parameter(model.tok_embeddings.weight.data)  # tied by storage
+    params = dict(model.named_parameters())
+    values = {k: v.clone() for k, v in params.items()}
+    tokens = torch.randint(0, 300, (2, 20))
+    with torch.inference_mode():
+        before = model(tokens)
+    prepare_for_inference(model)
+    moved = 0
+    for name, p in model.named_parameters():
+        assert p is params[name] and torch.equal(p, values[name]), name
+        st = p.untyped_storage()
+        if st.nbytes() >= 4096:
+            assert st in inference._on_huge_pages and st.data_ptr() % 4096 == 0, name
+            moved += 1
+    assert moved >= 10
+    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+    assert model.layers[0].attention.fused_qkv.valid()
+    where = {name: p.data_ptr() for name, p in model.named_parameters()}
+    prepare_for_inference(model)
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == where
+    with torch.inference_mode():
+        assert rel(model(tokens), before) <= 1e-5  # fused products sum in another order
+    with torch.no_grad():
+        model.tok_embeddings.weight.add_(1.0)
+    assert torch.equal(model.output.weight, values["output.weight"] + 1.0)
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no madvise(MADV_HUGEPAGE) on this system")
+def test_huge_empty_starts_on_a_huge_page(monkeypatch):
+    from llama4.model import inference
+
+    monkeypatch.setattr(inference, "HUGE_PAGES", True)
+    t = inference.huge_empty((3, 1024, 1024), torch.float32)  # 12 MiB
+    assert t.shape == (3, 1024, 1024) and t.is_contiguous()
+    assert t.data_ptr() % inference.HUGE_PAGE == 0
+    assert t.untyped_storage().nbytes() == 12 << 20  # no slack in the storage (saved as is)
+    t.fill_(2.0)
+    assert t.sum().item() == 2.0 * t.numel()
+    small = inference.huge_empty((10,), torch.float32)  # below a page: plain memory
+    assert small.untyped_storage() not in inference._on_huge_pages
+    monkeypatch.setattr(inference, "HUGE_PAGES", False)  # not offered: plain memory
+    assert (
+        inference.huge_empty((3, 1024, 1024), torch.float32).untyped_storage() not in inference._on_huge_pages
+    )
 
 
 def test_engines_built_on_several_threads_prepare_the_model_once(monkeypatch):

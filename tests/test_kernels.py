@@ -1,6 +1,7 @@
 """llama4's compiled CPU kernels (llama4.kernels) against their slow twins (F.linear, F.rms_norm,
 F.scaled_dot_product_attention, apply_rope); their thread pool under concurrent callers and
-fork; the engine's tokens with them and without; the fallback when they cannot be built."""
+fork; reading ahead (what it reads, and never weights already freed); the engine's tokens with
+them and without; the fallback when they cannot be built."""
 
 from __future__ import annotations
 
@@ -430,3 +431,110 @@ def test_without_a_compiler_torch_kernels_run_and_a_warning_says_why(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False []"  # turned off on purpose: no warning
+
+
+# ----- reading ahead -------------------------------------------------------------------------------
+
+
+def _poll(fn, until, seconds=5.0):
+    """fn() once `until(fn())` holds or the time is up (the read-ahead runs on a worker thread)."""
+    import time
+
+    end = time.monotonic() + seconds
+    value = fn()
+    while not until(value) and time.monotonic() < end:
+        time.sleep(0.005)
+        value = fn()
+    return value
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_read_ahead_reads_what_followed_last_time_up_to_the_limit(threads, monkeypatch):
+    """After the products A, B, C, the next A names B then C; the reader thread reads them into the
+    cache (the library counts the bytes) up to the limit, and the storages stay held until
+    forgotten."""
+    import gc
+    import time
+    import weakref
+
+    mib = 1 << 20
+    monkeypatch.setattr(kernels, "_read_ahead", kernels.ReadAhead(limit=6 * mib))
+    x = torch.randn(1, 1024)
+    a, b, c = (torch.randn(1024, 1024) for _ in range(3))  # 4 MiB each
+    for w in (a, b, c):
+        kernels.few_rows(x, w)
+    time.sleep(0.05)  # the read-ahead after B and C (none: nothing followed them yet) is over
+    before = kernels.read_ahead_total()
+    assert torch.allclose(kernels.few_rows(x, a), F.linear(x, a), rtol=1e-4, atol=1e-4)
+    held = kernels._read_ahead.held[max(kernels._read_ahead.held)]  # the latest regions' storages
+    assert [s.data_ptr() for s in held] == [b.data_ptr(), c.data_ptr()]
+    read = _poll(lambda: kernels.read_ahead_total() - before, lambda n: n >= 6 * mib)
+    time.sleep(0.05)
+    assert kernels.read_ahead_total() - before == read == 6 * mib  # all of B, the first 2 MiB of C
+    storage = weakref.ref(c.untyped_storage())
+    del held, c, w
+    gc.collect()
+    assert storage() is not None  # held: the library may still read it
+    kernels.forget_read_ahead()  # the reader is done with it (the product was 50 ms ago)
+    gc.collect()
+    assert storage() is None
+
+
+def test_read_ahead_keeps_what_the_reader_may_be_inside():
+    """When regions are replaced, the storages of an older epoch stay held exactly while the library
+    says its reader is inside that epoch (it is never waited for)."""
+
+    class Library:  # the one call ReadAhead._replaced makes
+        reading = 0
+
+        def llama4_ahead_reading(self):
+            return self.reading
+
+    lib, ra = Library(), kernels.ReadAhead(limit=1 << 20)
+    a, b, c = (torch.zeros(4).untyped_storage() for _ in range(3))
+    ra._replaced(lib, 5, [a])
+    lib.reading = 5  # inside epoch 5 when epoch 6 begins: both held
+    ra._replaced(lib, 6, [b])
+    assert ra.held == {5: [a], 6: [b]}
+    lib.reading = 0  # done: epoch 5 and 6 let go once 7 begins
+    ra._replaced(lib, 7, [c])
+    assert ra.held == {7: [c]}
+    lib.reading = 7
+    ra._replaced(lib, 8, [])  # forget(): nothing new to hold
+    assert ra.held == {7: [c]}
+    lib.reading = 0
+    ra._replaced(lib, 9, [])
+    assert ra.held == {}
+
+
+@needs_kernels
+def test_read_ahead_never_reads_freed_weights():
+    """Weights in memory that is unmapped when freed, dropped right after the product that named
+    them: if the kernels read them afterwards, the process dies of SIGSEGV."""
+    script = textwrap.dedent(
+        """
+        import mmap, torch
+        from llama4 import kernels
+        torch.set_num_threads(2)
+        def weight():  # 8 MiB of its own mapping: freeing the storage unmaps it
+            buf = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            return torch.frombuffer(buf, dtype=torch.float32).view(2048, 1024).fill_(0.5)
+        x = torch.randn(1, 1024)
+        before = kernels.read_ahead_total()
+        for i in range(300):
+            ws = [weight() for _ in range(4)]
+            # The fourth product names the second and third weights (16 MiB to read ahead).
+            # Even rounds: dropped at once (they must stay held); odd: a fifth product replaces
+            # them first (they must stay held while the reader may be inside them).
+            for w in ws[:3] + ws[:1] + ws[3:] * (i % 2):
+                kernels.few_rows(x, w)
+            del ws, w  # unmapped at once, unless held
+            if i % 5 == 0:
+                kernels.forget_read_ahead()
+        print("read ahead", kernels.read_ahead_total() - before > 0)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["read", "ahead", "True"]

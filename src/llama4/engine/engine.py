@@ -127,6 +127,8 @@ class Engine:
     def free(self, slot: int) -> None:
         self.cache.free(slot)
         self.history[slot] = []
+        if not any(self.history):  # idle: the kernels need hold none of the weights to read ahead
+            kernels.forget_read_ahead()
 
     def reuse_prefix(self, slot: int, tokens: Sequence[int]) -> int:
         """Keep the longest prefix of `tokens` the slot already holds (at least one token of

@@ -4,7 +4,9 @@
   a float32 or bfloat16 weight, streamed from memory at close to the machine's bandwidth
   (kernels.c says how); with glu=True, x holds a SwiGLU's [gate | up] and the product takes
   silu(gate) * up. `llama4.model.layers.linear` and `glu_linear` run it for decode-sized
-  inference products on CPU.
+  inference products on CPU. Each product also names the weights that followed it last time
+  (a decode step repeats its order), which a thread of idle priority reads into the cache while
+  the caller is between products (`ReadAhead`).
 - `rms_norm(x, eps, weight)`: RMS normalisation of a few float32 or bfloat16 rows in one call
   (`llama4.model.layers.rms_norm`).
 - `decode_attention(q, k, v, mask, scale)`: one query per row against the KV cache
@@ -35,7 +37,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +54,12 @@ NORM_MAX_NUMEL = 1 << 16  # rms_norm, rope_: inputs up to this size (one thread;
 # 2 cores, batch-1 decoding, ms a step for 0 / 20 / 50 / 200 us: idle 31.4 / 32.6 / 30.7 / 30.9,
 # beside one busy process 40.0 / 40.0 / 44.0 / 45.2 (1 ms: 35.3 idle, 68.0 busy, in another run).
 SPIN_US = 0
+# Bytes read ahead between products ($LLAMA4_READ_AHEAD; 0: off). ms a batch-1 decode step on the
+# 2-core machine, A/B in one process, two arms each: off 26.1 / 27.4, 16 MiB 25.6 / 25.9 (batch
+# 8: 82.6 / 82.6 against 81.8 / 78.1); beside a busy process off 32.1 / 34.4, on 33.3 / 32.6 (the
+# idle-priority reader then reads almost nothing). 8 / 16 / 32 MiB: 24.4 / 24.0 / 23.9, off 25.4.
+READ_AHEAD = 16 << 20
+AHEAD_MAX = 4  # regions per product (kernels.c AHEAD_MAX)
 
 
 def _compiler() -> str | None:
@@ -125,12 +135,16 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as e:
         return _unavailable(f"building {SOURCE.name} with {cc} failed: {e}")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    _declare(lib.llama4_few_rows, ctypes.c_int, [
+    _declare(lib.llama4_few_rows, ctypes.c_int64, [
         ptr, i64, ctypes.c_int,  # x, its row stride, whether x holds [gate | up] (glu)
         ptr, i64, ctypes.c_int,  # W, its row stride, whether bfloat16
         ptr, i64, i64, i64,  # y, M, N, K
         ctypes.c_int,  # threads
+        ptr, ptr, ctypes.c_int,  # regions to read ahead: addresses, bytes, how many
     ])  # fmt: skip
+    _declare(lib.llama4_forget_ahead, ctypes.c_int64, [])
+    _declare(lib.llama4_ahead_reading, ctypes.c_int64, [])
+    _declare(lib.llama4_ahead_total, ctypes.c_int64, [])
     _declare(lib.llama4_rms_norm, None, [
         ptr, i64, ptr, ptr, ctypes.c_int,  # x, its row stride, w, y, whether bfloat16
         i64, i64, ctypes.c_float,  # rows, dim, eps
@@ -178,10 +192,10 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         for m, n, k, threads in ((1, 67, 133, 1), (5, 64, 256, 1), (11, 9, 40, 1), (3, 301, 257, 2)):
             x = torch.randn(m, 2 * k, generator=g)
             w = torch.randn(n, k, generator=g).to(dtype)
-            if not close(_few_rows(lib, x[:, :k], w, False, threads), F.linear(x[:, :k], w.float())):
+            if not close(_few_rows(lib, x[:, :k], w, False, threads)[0], F.linear(x[:, :k], w.float())):
                 return False
             act = F.silu(x[:, :k]) * x[:, k:]
-            if not close(_few_rows(lib, x, w, True, threads), F.linear(act, w.float())):
+            if not close(_few_rows(lib, x, w, True, threads)[0], F.linear(act, w.float())):
                 return False
     q, kv = torch.randn(2, 4, 1, 20, generator=g), torch.randn(2, 2, 2, 9, 20, generator=g)
     mask = torch.rand(2, 1, 1, 9, generator=g) < 0.7
@@ -274,24 +288,129 @@ def few_rows(x: torch.Tensor, weight: torch.Tensor, glu: bool = False) -> torch.
     rows = x.reshape(-1, x.shape[-1])
     if rows.dtype != torch.float32:
         rows = rows.float()
-    y = _few_rows(lib, rows, weight, glu, torch.get_num_threads())
+    y = _read_ahead.product(lib, rows, weight, glu, torch.get_num_threads())
     y = y.view(*x.shape[:-1], weight.shape[0])
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def _few_rows(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, glu: bool, threads: int) -> torch.Tensor:
-    """The kernel call: x (M, K or 2K) float32, w (N, K) with contiguous rows -> (M, N)."""
+def _few_rows(
+    lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, glu: bool, threads: int, ahead=(None, None, 0)
+) -> tuple[torch.Tensor, int]:
+    """The kernel call: x (M, K or 2K) float32, w (N, K) with contiguous rows -> (M, N), and
+    the epoch of `ahead` (regions to read ahead: addresses, bytes, count) if they replaced the
+    last ones, else 0."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, (n, k) = x.shape[0], w.shape
     y = torch.empty(m, n, dtype=torch.float32)
     bf16 = int(w.dtype == torch.bfloat16)
     status = lib.llama4_few_rows(
-        x.data_ptr(), x.stride(0), int(glu), w.data_ptr(), w.stride(0), bf16, y.data_ptr(), m, n, k, threads
+        x.data_ptr(),
+        x.stride(0),
+        int(glu),
+        w.data_ptr(),
+        w.stride(0),
+        bf16,
+        y.data_ptr(),
+        m,
+        n,
+        k,
+        threads,
+        *ahead,
     )
-    if status:
+    if status < 0:
         raise MemoryError(f"few_rows: no memory for the SwiGLU input of {tuple(x.shape)}")
-    return y
+    return y, status
+
+
+def _span(w: torch.Tensor) -> int:
+    """Bytes from w's first element to its last: what a product with w (N, K) reads."""
+    return ((w.shape[0] - 1) * w.stride(0) + w.shape[1]) * w.element_size()
+
+
+class ReadAhead:
+    """Names, for each product, the weights to read into the cache after it (kernels.c,
+    "Reading ahead"): those that followed it the last time, up to `limit` bytes in all. A decode
+    step multiplies the same weights in the same order every step, but for the routed experts
+    (a guess wrong there costs only the idle time it used).
+
+    The regions named to the library are weights the caller may drop at any time: their storages
+    are held here until the library can no longer read them (a later product replaced them and
+    the reader is not inside them; it is never waited for). So at most two sets of AHEAD_MAX
+    storages stay held between uses: `forget()` lets them go.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        # weight address -> (the next product's weight address, bytes, weak ref to its storage)
+        self.after: dict[int, tuple[int, int, weakref.ref]] = {}
+        self.last = 0
+        self.held: dict[int, list[torch.UntypedStorage]] = {}  # epoch -> storages of its regions
+        self.lock = threading.Lock()
+
+    def product(
+        self, lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, glu: bool, threads: int
+    ) -> torch.Tensor:
+        if self.limit <= 0 or threads < 2:
+            return _few_rows(lib, x, w, glu, threads)[0]
+        with self.lock:
+            addr = w.data_ptr()
+            if self.last and self.after.get(self.last, (0,))[0] != addr:
+                if len(self.after) >= 4096:  # addresses of weights long gone
+                    self.after.clear()
+                self.after[self.last] = (addr, _span(w), weakref.ref(w.untyped_storage()))
+            self.last = addr
+            ptrs, sizes, keep = [], [], []
+            at, left = addr, self.limit
+            while len(ptrs) < AHEAD_MAX and left > 0 and at in self.after:
+                at, n, ref = self.after[at]
+                storage = ref()
+                if storage is None or at == addr:
+                    break
+                ptrs.append(at)
+                sizes.append(min(n, left))
+                keep.append(storage)
+                left -= sizes[-1]
+            ahead = ((ctypes.c_void_p * AHEAD_MAX)(*ptrs), (ctypes.c_int64 * AHEAD_MAX)(*sizes), len(ptrs))
+            y, epoch = _few_rows(lib, x, w, glu, threads, ahead)
+            if epoch:
+                self._replaced(lib, epoch, keep)
+            return y
+
+    def _replaced(self, lib: ctypes.CDLL, epoch: int, keep: list[torch.UntypedStorage]) -> None:
+        """The library reads epoch `epoch`'s regions now: let go of older ones it is not inside."""
+        reading = lib.llama4_ahead_reading()  # after the epoch began (see kernels.c)
+        self.held = {e: h for e, h in self.held.items() if e == reading}
+        if keep:
+            self.held[epoch] = keep
+
+    def forget(self) -> None:
+        """Let go of the regions (those the reader is inside at this moment, on the next call)."""
+        lib = _library()
+        with self.lock:
+            self.last = 0
+            if lib is not None:
+                self._replaced(lib, lib.llama4_forget_ahead(), [])
+
+    def _after_fork(self) -> None:
+        """A forked child: the lock may have been held by a thread the child does not have."""
+        self.lock = threading.Lock()
+
+
+_read_ahead = ReadAhead(int(float(os.environ.get("LLAMA4_READ_AHEAD", READ_AHEAD))))
+os.register_at_fork(after_in_child=_read_ahead._after_fork)
+
+
+def forget_read_ahead() -> None:
+    """Let go of the weights the last product named to read ahead (the engine calls this when a
+    generation ends, so a model dropped afterwards is freed at once)."""
+    _read_ahead.forget()
+
+
+def read_ahead_total() -> int:
+    """Bytes read ahead so far in this process (0 without the compiled kernels)."""
+    lib = _library()
+    return 0 if lib is None else lib.llama4_ahead_total()
 
 
 _DTYPES = (torch.float32, torch.bfloat16)
