@@ -186,6 +186,19 @@ def test_prepare_moves_weights_to_huge_pages(monkeypatch):
     assert torch.equal(model.output.weight, values["output.weight"] + 1.0)
 
 
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's flags for the mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(v, 16) for v in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
 @pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no madvise(MADV_HUGEPAGE) on this system")
 def test_huge_empty_starts_on_a_huge_page(monkeypatch):
     from llama4.model import inference
@@ -194,6 +207,8 @@ def test_huge_empty_starts_on_a_huge_page(monkeypatch):
     t = inference.huge_empty((3, 1024, 1024), torch.float32)  # 12 MiB
     assert t.shape == (3, 1024, 1024) and t.is_contiguous()
     assert t.data_ptr() % inference.HUGE_PAGE == 0
+    # The mapping asks for huge pages (whether the kernel finds free ones is up to it).
+    assert "hg" in _vm_flags(t.data_ptr()), "MADV_HUGEPAGE not set on the mapping"
     assert t.untyped_storage().nbytes() == 12 << 20  # no slack in the storage (saved as is)
     t.fill_(2.0)
     assert t.sum().item() == 2.0 * t.numel()

@@ -454,12 +454,19 @@ def test_read_ahead_reads_what_followed_last_time_up_to_the_limit(threads, monke
     """After the products A, B, C, the next A names B then C; the reader thread reads them into the
     cache (the library counts the bytes) up to the limit, and the storages stay held until
     forgotten."""
+    mib = 1 << 20
+    monkeypatch.setattr(kernels, "_read_ahead", kernels.ReadAhead(limit=6 * mib))
+    try:
+        _read_ahead_of_a_b_c(mib)
+    finally:  # whatever happened, the library names none of this test's weights afterwards
+        kernels.forget_read_ahead()
+
+
+def _read_ahead_of_a_b_c(mib: int) -> None:
     import gc
     import time
     import weakref
 
-    mib = 1 << 20
-    monkeypatch.setattr(kernels, "_read_ahead", kernels.ReadAhead(limit=6 * mib))
     x = torch.randn(1, 1024)
     a, b, c = (torch.randn(1024, 1024) for _ in range(3))  # 4 MiB each
     for w in (a, b, c):
@@ -469,7 +476,7 @@ def test_read_ahead_reads_what_followed_last_time_up_to_the_limit(threads, monke
     assert torch.allclose(kernels.few_rows(x, a), F.linear(x, a), rtol=1e-4, atol=1e-4)
     held = kernels._read_ahead.held[max(kernels._read_ahead.held)]  # the latest regions' storages
     assert [s.data_ptr() for s in held] == [b.data_ptr(), c.data_ptr()]
-    read = _poll(lambda: kernels.read_ahead_total() - before, lambda n: n >= 6 * mib)
+    read = _poll(lambda: kernels.read_ahead_total() - before, lambda n: n >= 6 * mib, seconds=30)
     time.sleep(0.05)
     assert kernels.read_ahead_total() - before == read == 6 * mib  # all of B, the first 2 MiB of C
     storage = weakref.ref(c.untyped_storage())
@@ -482,10 +489,10 @@ def test_read_ahead_reads_what_followed_last_time_up_to_the_limit(threads, monke
 
 
 def test_read_ahead_keeps_what_the_reader_may_be_inside():
-    """When regions are replaced, the storages of an older epoch stay held exactly while the library
-    says its reader is inside that epoch (it is never waited for)."""
+    """Once the library reads a new epoch's regions, the storages of older epochs stay held exactly
+    while the library says its reader is inside them (it is never waited for)."""
 
-    class Library:  # the one call ReadAhead._replaced makes
+    class Library:  # the one call ReadAhead._release makes
         reading = 0
 
         def llama4_ahead_reading(self):
@@ -493,18 +500,20 @@ def test_read_ahead_keeps_what_the_reader_may_be_inside():
 
     lib, ra = Library(), kernels.ReadAhead(limit=1 << 20)
     a, b, c = (torch.zeros(4).untyped_storage() for _ in range(3))
-    ra._replaced(lib, 5, [a])
-    lib.reading = 5  # inside epoch 5 when epoch 6 begins: both held
-    ra._replaced(lib, 6, [b])
+    ra.held = {5: [a], 6: [b]}  # (held from before each call that named them)
+    lib.reading = 5  # inside epoch 5 when epoch 6 began: both held
+    ra._release(lib, 6)
     assert ra.held == {5: [a], 6: [b]}
-    lib.reading = 0  # done: epoch 5 and 6 let go once 7 begins
-    ra._replaced(lib, 7, [c])
+    ra.held[7] = [c]
+    lib.reading = 0  # done: 5 and 6 let go once 7 began
+    ra._release(lib, 7)
     assert ra.held == {7: [c]}
+    ra.held[8] = []
     lib.reading = 7
-    ra._replaced(lib, 8, [])  # forget(): nothing new to hold
-    assert ra.held == {7: [c]}
+    ra._release(lib, 8)  # forget(): nothing new to hold
+    assert ra.held == {7: [c], 8: []}
     lib.reading = 0
-    ra._replaced(lib, 9, [])
+    ra._release(lib, 9)
     assert ra.held == {}
 
 
@@ -527,9 +536,12 @@ def test_read_ahead_never_reads_freed_weights():
             # The fourth product names the second and third weights (16 MiB to read ahead).
             # Even rounds: dropped at once (they must stay held); odd: a fifth product replaces
             # them first (they must stay held while the reader may be inside them).
-            for w in ws[:3] + ws[:1] + ws[3:] * (i % 2):
+            for n, w in enumerate(ws[:3] + ws[:1] + ws[3:] * (i % 2)):
                 kernels.few_rows(x, w)
-            del ws, w  # unmapped at once, unless held
+                if n == 3:  # (a stale guess from the last round would name fewer)
+                    named = kernels._read_ahead.held[max(kernels._read_ahead.held)]
+                    assert [s.data_ptr() for s in named] == [ws[1].data_ptr(), ws[2].data_ptr()], i
+            del ws, w, named  # unmapped at once, unless held
             if i % 5 == 0:
                 kernels.forget_read_ahead()
         print("read ahead", kernels.read_ahead_total() - before > 0)

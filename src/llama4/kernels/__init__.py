@@ -32,12 +32,14 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -140,9 +142,9 @@ def _library() -> ctypes.CDLL | None:
         ptr, i64, ctypes.c_int,  # W, its row stride, whether bfloat16
         ptr, i64, i64, i64,  # y, M, N, K
         ctypes.c_int,  # threads
-        ptr, ptr, ctypes.c_int,  # regions to read ahead: addresses, bytes, how many
+        ptr, ptr, ctypes.c_int, i64,  # regions to read ahead: addresses, bytes, how many, epoch
     ])  # fmt: skip
-    _declare(lib.llama4_forget_ahead, ctypes.c_int64, [])
+    _declare(lib.llama4_forget_ahead, None, [i64])
     _declare(lib.llama4_ahead_reading, ctypes.c_int64, [])
     _declare(lib.llama4_ahead_total, ctypes.c_int64, [])
     _declare(lib.llama4_rms_norm, None, [
@@ -294,11 +296,11 @@ def few_rows(x: torch.Tensor, weight: torch.Tensor, glu: bool = False) -> torch.
 
 
 def _few_rows(
-    lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, glu: bool, threads: int, ahead=(None, None, 0)
-) -> tuple[torch.Tensor, int]:
+    lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, glu: bool, threads: int, ahead=(None, None, 0, 0)
+) -> tuple[torch.Tensor, bool]:
     """The kernel call: x (M, K or 2K) float32, w (N, K) with contiguous rows -> (M, N), and
-    the epoch of `ahead` (regions to read ahead: addresses, bytes, count) if they replaced the
-    last ones, else 0."""
+    whether `ahead` (regions to read ahead: addresses, bytes, count, epoch; epoch 0: leave the
+    last ones) replaced the last ones."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, (n, k) = x.shape[0], w.shape
@@ -320,7 +322,7 @@ def _few_rows(
     )
     if status < 0:
         raise MemoryError(f"few_rows: no memory for the SwiGLU input of {tuple(x.shape)}")
-    return y, status
+    return y, status == 1
 
 
 def _span(w: torch.Tensor) -> int:
@@ -335,9 +337,9 @@ class ReadAhead:
     (a guess wrong there costs only the idle time it used).
 
     The regions named to the library are weights the caller may drop at any time: their storages
-    are held here until the library can no longer read them (a later product replaced them and
-    the reader is not inside them; it is never waited for). So at most two sets of AHEAD_MAX
-    storages stay held between uses: `forget()` lets them go.
+    are held here, from before the call that names them (an exception such as Ctrl-C may come at
+    any point of it) until the library can no longer read them: a later product replaced them and
+    the reader is not inside them (it is never waited for, but by `forget()`, briefly).
     """
 
     def __init__(self, limit: int) -> None:
@@ -355,10 +357,15 @@ class ReadAhead:
             return _few_rows(lib, x, w, glu, threads)[0]
         with self.lock:
             addr = w.data_ptr()
-            if self.last and self.after.get(self.last, (0,))[0] != addr:
-                if len(self.after) >= 4096:  # addresses of weights long gone
-                    self.after.clear()
-                self.after[self.last] = (addr, _span(w), weakref.ref(w.untyped_storage()))
+            if self.last:
+                known = self.after.get(self.last)
+                storage = w.untyped_storage()
+                if (
+                    known is None or known[0] != addr or known[2]() is not storage
+                ):  # new, or a new storage there
+                    if len(self.after) >= 4096:  # addresses of weights long gone
+                        self.after.clear()
+                    self.after[self.last] = (addr, _span(w), weakref.ref(storage))
             self.last = addr
             ptrs, sizes, keep = [], [], []
             at, left = addr, self.limit
@@ -371,32 +378,51 @@ class ReadAhead:
                 sizes.append(min(n, left))
                 keep.append(storage)
                 left -= sizes[-1]
-            ahead = ((ctypes.c_void_p * AHEAD_MAX)(*ptrs), (ctypes.c_int64 * AHEAD_MAX)(*sizes), len(ptrs))
-            y, epoch = _few_rows(lib, x, w, glu, threads, ahead)
-            if epoch:
-                self._replaced(lib, epoch, keep)
+            epoch = next(_epochs)
+            self.held[epoch] = keep  # before the library can see them
+            ahead = (
+                (ctypes.c_void_p * AHEAD_MAX)(*ptrs),
+                (ctypes.c_int64 * AHEAD_MAX)(*sizes),
+                len(ptrs),
+                epoch,
+            )
+            y, replaced = _few_rows(lib, x, w, glu, threads, ahead)
+            if replaced:
+                self._release(lib, epoch)
+            else:
+                del self.held[epoch]
             return y
 
-    def _replaced(self, lib: ctypes.CDLL, epoch: int, keep: list[torch.UntypedStorage]) -> None:
+    def _release(self, lib: ctypes.CDLL, epoch: int) -> None:
         """The library reads epoch `epoch`'s regions now: let go of older ones it is not inside."""
         reading = lib.llama4_ahead_reading()  # after the epoch began (see kernels.c)
-        self.held = {e: h for e, h in self.held.items() if e == reading}
-        if keep:
-            self.held[epoch] = keep
+        self.held = {e: h for e, h in self.held.items() if e == epoch or e == reading}
 
     def forget(self) -> None:
-        """Let go of the regions (those the reader is inside at this moment, on the next call)."""
+        """Let go of the regions, after waiting up to 20 ms for the reader to leave them (else those
+        it is inside go with the next product or forget)."""
+        if not self.held:  # the library names nothing of ours (or was never loaded)
+            return
         lib = _library()
         with self.lock:
             self.last = 0
-            if lib is not None:
-                self._replaced(lib, lib.llama4_forget_ahead(), [])
+            if lib is None:
+                return
+            epoch = next(_epochs)
+            self.held[epoch] = []
+            lib.llama4_forget_ahead(epoch)
+            for _ in range(40):
+                if lib.llama4_ahead_reading() in (0, epoch):
+                    break
+                time.sleep(0.0005)
+            self._release(lib, epoch)
 
     def _after_fork(self) -> None:
         """A forked child: the lock may have been held by a thread the child does not have."""
         self.lock = threading.Lock()
 
 
+_epochs = itertools.count(1)  # of the regions named to the library (all ReadAheads share one)
 _read_ahead = ReadAhead(int(float(os.environ.get("LLAMA4_READ_AHEAD", READ_AHEAD))))
 os.register_at_fork(after_in_child=_read_ahead._after_fork)
 

@@ -232,7 +232,8 @@ static void work(int t, int T, uint64_t job) {
  *
  * The regions are weights the caller holds and will free some time after a later call has
  * replaced them; the caller never waits for the reader (an idle-priority thread may be off the
- * CPU for a long time). Each replacement starts a new `epoch`. The reader publishes the epoch it
+ * CPU for a long time). Each replacement starts a new `epoch`, a number the caller chooses (> 0,
+ * increasing), so that it can hold the regions before the call. The reader publishes the epoch it
  * is about to read (`reading`) and only then checks that it is still current, so once the caller
  * has started epoch e + 1 and then sees `reading` != e, no read of epoch e's regions is under
  * way or can start: the caller may free them (`llama4_ahead_reading`; llama4.kernels.ReadAhead
@@ -248,20 +249,20 @@ static struct {
     _Atomic(const char*) ptr[AHEAD_MAX];
     _Atomic int64_t bytes[AHEAD_MAX];
     _Atomic int64_t total; /* bytes read ahead so far (llama4_ahead_total) */
-} ahead = {.epoch = 1};
+} ahead;
 volatile float ahead_sink; /* keeps the reads */
 
-/* Replace the regions (n of them; n = 0: none) under a new epoch, which is returned. */
-static uint64_t ahead_set(const void* const* ptrs, const int64_t* bytes, int n) {
-    const uint64_t epoch = atomic_fetch_add(&ahead.epoch, 1) + 1;
+/* Replace the regions (n of them; n = 0: none) under epoch `epoch`. */
+static void ahead_set(const void* const* ptrs, const int64_t* bytes, int n, uint64_t epoch) {
+    atomic_store(&ahead.epoch, epoch);
     atomic_fetch_add(&ahead.seq, 1); /* odd: being written */
+    atomic_thread_fence(memory_order_release); /* the stores below stay after it */
     for (int i = 0; i < AHEAD_MAX; i++) {
         atomic_store_explicit(&ahead.ptr[i], i < n ? (const char*)ptrs[i] : NULL, memory_order_relaxed);
         atomic_store_explicit(&ahead.bytes[i], i < n ? bytes[i] : 0, memory_order_relaxed);
     }
     atomic_store(&ahead.written_in, epoch);
     atomic_fetch_add(&ahead.seq, 1);
-    return epoch;
 }
 
 /* The epoch whose regions the reader may be reading (0: none). */
@@ -270,6 +271,7 @@ int64_t llama4_ahead_reading(void) { return (int64_t)atomic_load(&ahead.reading)
 /* The reader, after a job whose word is `jobword`: read the regions until done or interrupted. */
 static void read_ahead(uint64_t jobword) {
     const uint64_t epoch = atomic_load(&ahead.epoch);
+    if (!epoch) return;
     atomic_store(&ahead.reading, epoch);
     const uint64_t seq = atomic_load(&ahead.seq);
     const char* ptr[AHEAD_MAX];
@@ -278,6 +280,7 @@ static void read_ahead(uint64_t jobword) {
         ptr[i] = atomic_load_explicit(&ahead.ptr[i], memory_order_relaxed);
         bytes[i] = atomic_load_explicit(&ahead.bytes[i], memory_order_relaxed);
     }
+    atomic_thread_fence(memory_order_acquire); /* the copies above stay before the checks */
     if ((seq & 1) || atomic_load(&ahead.written_in) != epoch || atomic_load(&ahead.seq) != seq ||
         atomic_load(&ahead.epoch) != epoch)
         goto out;
@@ -307,11 +310,13 @@ static int64_t now_ns(void) {
 /* The reader: a thread of its own at SCHED_IDLE priority, so it runs only on a core nothing
  * else wants (when worker 1 read ahead itself, at normal priority, it took the caller's core
  * often enough beside a busy process to make batch-1 decoding 33-42% slower; the reader costs
- * nothing measurable there, and reads little). Worker 1 hands it each job it has finished. */
+ * nothing measurable there, and reads little). Where idle priority is not to be had (not
+ * Linux), the reader reads nothing. Worker 1 hands it each job it has finished. */
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t wake;
     _Atomic int started;
+    _Atomic int idle; /* it runs at idle priority (else it never reads: see above) */
     _Atomic uint64_t posted; /* jobs handed over so far */
     _Atomic uint64_t jobword;
     _Atomic int sleeping;
@@ -321,7 +326,7 @@ static void* reader_main(void* arg) {
     (void)arg;
 #ifdef SCHED_IDLE /* Linux */
     struct sched_param none = {0};
-    pthread_setschedparam(pthread_self(), SCHED_IDLE, &none);
+    atomic_store(&reader.idle, pthread_setschedparam(pthread_self(), SCHED_IDLE, &none) == 0);
 #endif
     uint64_t seen = 0;
     for (;;) {
@@ -394,7 +399,7 @@ static void* worker(void* arg) {
         seen = job;
         if (t > (int)(job >> 56)) continue; /* not needed for this job */
         work(t, (int)(job >> 56) + 1, job & ((1ull << 56) - 1));
-        if (t == 1 && atomic_load(&reader.started) && atomic_load_explicit(&ahead.ptr[0], memory_order_relaxed))
+        if (t == 1 && atomic_load(&reader.idle) && atomic_load_explicit(&ahead.ptr[0], memory_order_relaxed))
             reader_post(job); /* something to read (a stale answer only costs or skips one read) */
     }
     return NULL;
@@ -408,10 +413,16 @@ static void pool_after_fork(void) {
     pthread_mutex_init(&pool.submit, NULL);
     pool.workers = 0;
     atomic_store(&pool.sleeping, 0);
+    /* A fork inside ahead_set may have left the sequence odd: no regions, and an even sequence
+     * (the caller names regions again with its next product). */
+    for (int i = 0; i < AHEAD_MAX; i++) atomic_store(&ahead.ptr[i], NULL);
+    atomic_store(&ahead.written_in, 0);
+    atomic_store(&ahead.seq, (atomic_load(&ahead.seq) + 1) & ~1ull);
     atomic_store(&ahead.reading, 0);
     pthread_mutex_init(&reader.mu, NULL);
     pthread_cond_init(&reader.wake, NULL);
     atomic_store(&reader.started, 0);
+    atomic_store(&reader.idle, 0);
     atomic_store(&reader.sleeping, 0);
 }
 
@@ -532,12 +543,13 @@ static void silu_times(const float* gate, const float* up, float* act, int64_t n
  * product takes silu(gate) * up (the SwiGLU's input to its down projection), formed here first.
  * Chunks of ~64 KB of W (whole register blocks) are spread over `threads` threads.
  * ahead_ptrs, ahead_bytes: n_ahead regions for the reader once the product is done (see
- * `read_ahead`). They replace the last call's only if this product runs on several threads
- * (one thread: no worker hands over after it, and the last call's regions are likely still
- * being read). Returns their epoch (> 0) if they did, 0 if not, -1 when out of memory. */
+ * `read_ahead`), under epoch `ahead_epoch`. They replace the last call's only if this product
+ * runs on several threads (one thread: no worker hands over after it, and the last call's
+ * regions are likely still being read). Returns 1 if they did, 0 if not, -1 when out of memory. */
 int64_t llama4_few_rows(const float* x, int64_t ldx, int glu, const void* w, int64_t ldw, int w_bf16,
                         float* y, int64_t M, int64_t N, int64_t K, int threads,
-                        const void* const* ahead_ptrs, const int64_t* ahead_bytes, int n_ahead) {
+                        const void* const* ahead_ptrs, const int64_t* ahead_bytes, int n_ahead,
+                        int64_t ahead_epoch) {
     float* act = NULL;
     if (M <= 0 || N <= 0) return 0;
     if (glu) {
@@ -548,10 +560,10 @@ int64_t llama4_few_rows(const float* x, int64_t ldx, int glu, const void* w, int
         ldx = K;
     }
     const int parallel_threads = N * K >= 65536 ? threads : 1;
-    int64_t epoch = 0;
-    if (parallel_threads > 1) {
+    const int replace = parallel_threads > 1 && ahead_epoch > 0;
+    if (replace) {
         pthread_mutex_lock(&pool.submit);
-        epoch = (int64_t)ahead_set(ahead_ptrs, ahead_bytes, n_ahead < AHEAD_MAX ? n_ahead : AHEAD_MAX);
+        ahead_set(ahead_ptrs, ahead_bytes, n_ahead < AHEAD_MAX ? n_ahead : AHEAD_MAX, (uint64_t)ahead_epoch);
         pthread_mutex_unlock(&pool.submit);
     }
     int64_t row_bytes = K * (w_bf16 ? 2 : 4);
@@ -560,17 +572,16 @@ int64_t llama4_few_rows(const float* x, int64_t ldx, int glu, const void* w, int
     few_rows_args a = {x, ldx, w, ldw, w_bf16, y, M, N, K, rows};
     parallel(few_rows_chunk, &a, (N + rows - 1) / rows, parallel_threads);
     free(act);
-    return epoch;
+    return replace;
 }
 
 int64_t llama4_ahead_total(void) { return atomic_load(&ahead.total); }
 
-/* Replace the regions to read ahead by none; returns the new epoch. */
-int64_t llama4_forget_ahead(void) {
+/* Replace the regions to read ahead by none, under epoch `epoch`. */
+void llama4_forget_ahead(int64_t epoch) {
     pthread_mutex_lock(&pool.submit);
-    const uint64_t epoch = ahead_set(NULL, NULL, 0);
+    ahead_set(NULL, NULL, 0, (uint64_t)epoch);
     pthread_mutex_unlock(&pool.submit);
-    return (int64_t)epoch;
 }
 
 /* ------------------------------------------------------------------------------------------
