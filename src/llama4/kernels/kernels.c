@@ -305,6 +305,34 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Wait until *word differs from `seen` and return it: spin for spin_ns, then sleep on `wake`
+ * (counted in *sleeping, so that whoever changes the word knows to signal). */
+static uint64_t wait_change(_Atomic uint64_t* word, uint64_t seen, int64_t spin_ns, pthread_mutex_t* mu,
+                            pthread_cond_t* wake, _Atomic int* sleeping) {
+    uint64_t now;
+    int64_t start = now_ns(), spins = 0;
+    while ((now = atomic_load_explicit(word, memory_order_acquire)) == seen) {
+        if ((spins++ & 255) == 0 && now_ns() - start >= spin_ns) {
+            pthread_mutex_lock(mu);
+            atomic_fetch_add(sleeping, 1);
+            while ((now = atomic_load(word)) == seen) pthread_cond_wait(wake, mu);
+            atomic_fetch_sub(sleeping, 1);
+            pthread_mutex_unlock(mu);
+            break;
+        }
+        cpu_relax();
+    }
+    return now;
+}
+
 #define READER_SPIN_NS 2000000 /* 2 ms */
 
 /* The reader: a thread of its own at SCHED_IDLE priority, so it runs only on a core nothing
@@ -333,22 +361,7 @@ static void* reader_main(void* arg) {
         /* Spin a while first (a decode step hands over a job every ~0.5 ms; waking from sleep
          * takes tens of microseconds, a good part of a gap): at idle priority this costs no one
          * else anything, as any other thread that wants the core preempts it. */
-        for (int64_t start = now_ns(), spins = 0; atomic_load(&reader.posted) == seen;) {
-            if ((spins++ & 255) == 0 && now_ns() - start > READER_SPIN_NS) {
-                pthread_mutex_lock(&reader.mu);
-                atomic_store(&reader.sleeping, 1);
-                while (atomic_load(&reader.posted) == seen) pthread_cond_wait(&reader.wake, &reader.mu);
-                atomic_store(&reader.sleeping, 0);
-                pthread_mutex_unlock(&reader.mu);
-                break;
-            }
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#elif defined(__aarch64__)
-            __asm__ __volatile__("yield");
-#endif
-        }
-        seen = atomic_load(&reader.posted);
+        seen = wait_change(&reader.posted, seen, READER_SPIN_NS, &reader.mu, &reader.wake, &reader.sleeping);
         read_ahead(atomic_load(&reader.jobword));
     }
     return NULL;
@@ -379,23 +392,7 @@ static void* worker(void* arg) {
     const int t = (int)(intptr_t)arg;
     uint64_t seen = atomic_load(&pool.job);
     for (;;) {
-        uint64_t job;
-        int64_t start = now_ns(), spins = 0;
-        while ((job = atomic_load_explicit(&pool.job, memory_order_acquire)) == seen) {
-            if ((spins++ & 255) == 0 && now_ns() - start >= atomic_load_explicit(&pool.spin_ns, memory_order_relaxed)) {
-                pthread_mutex_lock(&pool.mu);
-                atomic_fetch_add(&pool.sleeping, 1);
-                while ((job = atomic_load(&pool.job)) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
-                atomic_fetch_sub(&pool.sleeping, 1);
-                pthread_mutex_unlock(&pool.mu);
-                break;
-            }
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#elif defined(__aarch64__)
-            __asm__ __volatile__("yield");
-#endif
-        }
+        const uint64_t job = wait_change(&pool.job, seen, atomic_load(&pool.spin_ns), &pool.mu, &pool.wake, &pool.sleeping);
         seen = job;
         if (t > (int)(job >> 56)) continue; /* not needed for this job */
         work(t, (int)(job >> 56) + 1, job & ((1ull << 56) - 1));
@@ -471,9 +468,7 @@ static void parallel(chunk_fn fn, const void* args, int64_t n, int T) {
      * case one of them waits for this core). */
     for (int64_t spins = 1; atomic_load_explicit(&pool.done, memory_order_acquire) < n; spins++) {
         if ((spins & 4095) == 0) sched_yield();
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
+        cpu_relax();
     }
     pthread_mutex_unlock(&pool.submit);
 }
