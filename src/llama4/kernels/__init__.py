@@ -360,9 +360,8 @@ class ReadAhead:
             if self.last:
                 known = self.after.get(self.last)
                 storage = w.untyped_storage()
-                if (
-                    known is None or known[0] != addr or known[2]() is not storage
-                ):  # new, or a new storage there
+                # Learn what followed `last`: a new weight, or a new storage at the same address.
+                if known is None or known[0] != addr or known[2]() is not storage:
                     if len(self.after) >= 4096:  # addresses of weights long gone
                         self.after.clear()
                     self.after[self.last] = (addr, _span(w), weakref.ref(storage))
