@@ -13,8 +13,10 @@ and a plain 1 GiB sum: the machine's bandwidth, not one kernel's; where the syst
 pages, which llama4 puts decoding weights on, the oneDNN and llama4 matvecs and the sum also run
 on huge pages) is the fastest a step can be; "roofline" is that time / the measured step time.
 The issue's own definition divides by the measured matvec bandwidth (the best of the matvecs,
-without the sum, which is usually faster): that figure is printed too, as "matvec roofline". transformers runs every expert on
-every token (its Llama4TextExperts is a dense bmm), so it reads all E experts per layer.
+without the sum, which is usually faster): that figure is printed too, as "matvec roofline".
+transformers runs every expert on every token (its Llama4TextExperts is a dense bmm), so it
+reads all E experts per layer. Also printed: the MB per step that llama4's reader thread read
+ahead between products (llama4.kernels.ReadAhead).
 
 Then llama4 alone again with bfloat16 weights (skip with --no-bf16): tokens/s against its
 float32 figure, and the fraction of its own (half-size) roofline.
@@ -249,8 +251,9 @@ def measure_ours(
     """llama4 on `prompts`: (median decode step in s, the same on torch's kernels alone (None
     without llama4's compiled kernels), tokens, distinct experts per layer per step, bytes each
     step reads (`step_bytes`), bytes read ahead per token (llama4.kernels.ReadAhead: between
-    products, an idle thread reads the next products' weights into the cache)). The two kernel choices alternate run by run, so a busier or
-    quieter moment of a shared machine affects both alike."""
+    products, an idle-priority thread reads the next products' weights into the cache)). The two
+    kernel choices alternate run by run, so a busier or quieter moment of a shared machine
+    affects both alike."""
     from llama4 import kernels
     from llama4.engine import Engine
 

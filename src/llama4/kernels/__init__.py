@@ -59,7 +59,8 @@ SPIN_US = 0
 # Bytes read ahead between products ($LLAMA4_READ_AHEAD; 0: off). ms a batch-1 decode step on the
 # 2-core machine, A/B in one process, two arms each: off 26.1 / 27.4, 16 MiB 25.6 / 25.9 (batch
 # 8: 82.6 / 82.6 against 81.8 / 78.1); beside a busy process off 32.1 / 34.4, on 33.3 / 32.6 (the
-# idle-priority reader then reads almost nothing). 8 / 16 / 32 MiB: 24.4 / 24.0 / 23.9, off 25.4.
+# idle-priority reader then reads almost nothing). 8 / 16 / 32 MiB: 24.4 / 24.0 / 23.9, off 25.4
+# (measured with the first design, which read ahead on pool worker 1).
 READ_AHEAD = 16 << 20
 AHEAD_MAX = 4  # regions per product (kernels.c AHEAD_MAX)
 

@@ -23,9 +23,10 @@ saving, loading, optimizers and training see the same model.
    2 MiB pages (transparent huge pages, asked for with madvise: the default setting of most
    distributions gives them only to memory that asks). Streaming the weights then takes one TLB
    entry per 2 MiB instead of per 4 KiB, and under a hypervisor each TLB miss walks two page
-   tables. Measured on the 2-core machine of benchmarks/decode.py: a 256 MiB matvec 12-15%
-   faster, batch-1 and batch-8 decode steps 5-6% faster (A/B in one process). Where the kernel
-   offers no huge pages (other systems, THP set to `never`) weights stay where they are.
+   tables. Measured on the 2-core machine of benchmarks/decode.py (A/B in one process): a
+   256 MiB matvec 12-15% faster in some runs, no faster in others; decode steps 2-6% faster.
+   Where the kernel offers no huge pages (other systems, THP set to `never`) weights stay where
+   they are.
 
 Autograd and torch.compile always take the separate projections (see `Fused.current`).
 """
