@@ -190,21 +190,28 @@ def test_chat_keeps_the_conversation_in_the_cache_and_survives_ctrl_c(checkpoint
     assert got == llama4.generate(model, [prompt], 8, stop_ids=tok.stop_ids)[0]
 
 
-def test_ctrl_c_inside_a_forward_rolls_the_slot_back(checkpoint):
+@pytest.mark.parametrize("where", ["forward", "one-call step"])
+def test_ctrl_c_inside_a_forward_rolls_the_slot_back(checkpoint, where):
     from llama4.engine import Engine
 
     model = llama4.load(checkpoint)
     engine = Engine(model, slots=1, max_len=64)
     engine.prefill([0], [[1, 2, 3, 4]])
-    original = model.hidden
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    engine._hidden = interrupted
+    step = engine._one_call
+    if where == "forward":
+        engine._one_call, original, engine._hidden = None, engine._hidden, interrupted
+    else:
+        assert step is not None and step.usable()
+        engine._one_call = type("Interrupted", (), {"usable": lambda self: True, "__call__": interrupted})()
     with pytest.raises(KeyboardInterrupt):
         engine.decode([0], [5])
-    engine._hidden = original
+    engine._one_call = step
+    if where == "forward":
+        engine._hidden = original
     assert engine.cache.lengths[0] == len(engine.history[0]) == 4
     with torch.inference_mode():
         want = model(torch.tensor([[1, 2, 3, 4, 5]]))[0, -1]

@@ -132,14 +132,7 @@ class KVCache:
         The slots' lengths are advanced now.
         """
         B = len(slots)
-        assert B == len(n_new) and B >= 1, f"{B} slots but {len(n_new)} token counts"
-        assert len(set(slots)) == B, f"slots {list(slots)} repeat"
-        starts = [self.lengths[s] for s in slots]
-        ends = [a + n for a, n in zip(starts, n_new)]
-        for s, n, e in zip(slots, n_new, ends):
-            assert 1 <= n <= T, f"slot {s}: {n} new tokens in a forward of {T}"
-            if e > self.max_len:
-                raise ValueError(f"slot {s} would hold {e} tokens, more than max_len={self.max_len}")
+        starts, ends = self._room(slots, n_new, T)
         dev = self.device
         first = slots[0]
         rows: slice | torch.Tensor = (
@@ -154,6 +147,28 @@ class KVCache:
         for s, e in zip(slots, ends):
             self.lengths[s] = e
         return pos
+
+    def advance(self, slots: Sequence[int]) -> list[int]:
+        """Append one token to each slot without preparing a forward: for a decode step that writes
+        the cache itself (llama4.engine.step). Returns the new tokens' positions."""
+        starts, ends = self._room(slots, [1] * len(slots), 1)
+        for s, e in zip(slots, ends):
+            self.lengths[s] = e
+        self._step = None
+        return starts
+
+    def _room(self, slots: Sequence[int], n_new: Sequence[int], T: int) -> tuple[list[int], list[int]]:
+        """Where each slot's new tokens start and end; checks they fit."""
+        B = len(slots)
+        assert B == len(n_new) and B >= 1, f"{B} slots but {len(n_new)} token counts"
+        assert len(set(slots)) == B, f"slots {list(slots)} repeat"
+        starts = [self.lengths[s] for s in slots]
+        ends = [a + n for a, n in zip(starts, n_new)]
+        for s, n, e in zip(slots, n_new, ends):
+            assert 1 <= n <= T, f"slot {s}: {n} new tokens in a forward of {T}"
+            if e > self.max_len:
+                raise ValueError(f"slot {s} would hold {e} tokens, more than max_len={self.max_len}")
+        return starts, ends
 
     def _begin_decode(self, slots: Sequence[int], starts: list[int], rows) -> torch.Tensor:
         """One new token per row: few small tensors, masks only when rows differ in length."""

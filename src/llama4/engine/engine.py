@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from llama4 import kernels
 from llama4.engine.cache import KVCache
 from llama4.engine.sampling import SamplerState, SamplingParams, TokenLogprob, logprobs_of, sample
+from llama4.engine.step import DecodeStep
 from llama4.engine.text import TextStream
 from llama4.model.inference import prepare_for_inference
 from llama4.model.layers import FEW_ROWS
@@ -82,7 +83,9 @@ class Engine:
     slots: sequences that can be in flight at once (cache rows). max_len: longest sequence
     (prompt + output) per slot; default the config's ``max_seq_len``. The cache takes the
     model's dtype unless `cache_dtype` says otherwise. `compile`: run the model through
-    ``torch.compile`` (meant for GPUs; the first calls are slow).
+    ``torch.compile`` (meant for GPUs; the first calls are slow). `one_call_decode`: on CPU with
+    float32 weights, run each decode step in one call of llama4's C kernels
+    (``llama4.engine.step``) where it applies, else the model's forward.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class Engine:
         cache_dtype: torch.dtype | None = None,
         prefill_chunk: int = 2048,
         compile: bool = False,
+        one_call_decode: bool = True,
     ) -> None:
         # Fused projections and, on CPU, a matvec-friendly memory order: same values, faster steps.
         self.model = prepare_for_inference(model.eval())
@@ -114,6 +118,8 @@ class Engine:
         self.history: list[list[int]] = [[] for _ in range(slots)]  # tokens stored per slot
         self._hidden = self._compiled_hidden if compile else model.hidden
         self._compiled = torch.compile(model.hidden, dynamic=True) if compile else None
+        one_call = one_call_decode and not compile and self.device.type == "cpu"
+        self._one_call = DecodeStep.build(self.model, self.cache) if one_call else None
 
     @property
     def slots(self) -> int:
@@ -208,13 +214,19 @@ class Engine:
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         """Append one token to each slot; return the next-token logits (B, V) (at least float32)."""
         self._check_ids(tokens)
-        positions = self.cache.begin(slots, [1] * len(slots), 1)
-        x = torch.tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]
-        with self._rollback_on_error(slots):
-            h = self._hidden(x, positions=positions, cache=self.cache)
+        step = self._one_call
+        if step is not None and len(slots) <= FEW_ROWS and step.usable():
+            positions = self.cache.advance(slots)
+            with self._rollback_on_error(slots):
+                logits = step(tokens, slots, positions)
+        else:
+            positions = self.cache.begin(slots, [1] * len(slots), 1)
+            x = torch.tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]
+            with self._rollback_on_error(slots):
+                logits = self._logits(self._hidden(x, positions=positions, cache=self.cache)[:, 0])
         for s, t in zip(slots, tokens):
             self.history[s].append(t)
-        return self._logits(h[:, 0])
+        return logits
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         """Token ids outside the vocabulary are the caller's error, said as such (the embedding

@@ -12,6 +12,8 @@
 - `decode_attention(q, k, v, mask, scale)`: one query per row against the KV cache
   (`llama4.model.attention.decode_attention`).
 - `rope_(x, cos, sin, norm_eps)`: RoPE and the QK norm in place (`llama4.model.layers.rope_and_norm`).
+- `llama4_decode_step`: a whole float32 decode step in one call, built from the above
+  (`llama4.engine.step` lays out its plan).
 Their slow, obvious twins are torch's F.linear, F.rms_norm, F.scaled_dot_product_attention and
 `llama4.model.layers.apply_rope`; tests hold one against the other.
 
@@ -165,6 +167,11 @@ def _library() -> ctypes.CDLL | None:
         ptr, ctypes.c_int,  # x, whether bfloat16
         i64, i64, i64, i64, i64,  # rows, row stride, heads, head stride, Dh
         ptr, ptr, ctypes.c_float,  # cos, sin, norm eps (< 0: no norm)
+    ])  # fmt: skip
+    _declare(lib.llama4_decode_step, ctypes.c_int64, [
+        ptr, ptr, ptr, ptr, i64,  # the plan (llama4.engine.step), tokens, slots, positions, B
+        ptr, ptr, ptr, ptr,  # logits, router logits, experts, gates
+        ctypes.c_int,  # threads
     ])  # fmt: skip
     _declare(lib.llama4_set_spin, None, [i64])
     lib.llama4_set_spin(int(float(os.environ.get("LLAMA4_SPIN_US", SPIN_US)) * 1000))

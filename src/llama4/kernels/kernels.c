@@ -533,10 +533,28 @@ static void silu_times(const float* gate, const float* up, float* act, int64_t n
     for (; i < n; i++) act[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
 }
 
+/* y (M, N) contiguous = x (M, K; row stride ldx) @ W (N, K; row stride ldw)^T on `threads`
+ * threads, in chunks of ~64 KB of W (whole register blocks). */
+static void product(const float* x, int64_t ldx, const void* w, int64_t ldw, int bf16, float* y, int64_t M,
+                    int64_t N, int64_t K, int threads) {
+    int64_t rows = (65536 / (K * (bf16 ? 2 : 4))) / RMAX * RMAX;
+    if (rows < RMAX) rows = RMAX;
+    few_rows_args a = {x, ldx, w, ldw, bf16, y, M, N, K, rows};
+    parallel(few_rows_chunk, &a, (N + rows - 1) / rows, threads);
+}
+
+/* The same, W (N, K) multiplied by silu(gate) * up of x's rows [gate | up] (2K floats, row stride
+ * ldx), formed in act (M, K) first. */
+static void product_glu(const float* x, int64_t ldx, const void* w, int64_t ldw, int bf16, float* y,
+                        float* act, int64_t M, int64_t N, int64_t K, int threads) {
+    for (int64_t m = 0; m < M; m++) silu_times(x + m * ldx, x + m * ldx + K, act + m * K, K);
+    product(act, K, w, ldw, bf16, y, M, N, K, threads);
+}
+
 /* y (M, N) contiguous = x (M, K; row stride ldx) @ W (N, K; row stride ldw)^T.
  * w_bf16: W holds bfloat16 (else float32). glu: x rows hold [gate | up] (2K floats) and the
  * product takes silu(gate) * up (the SwiGLU's input to its down projection), formed here first.
- * Chunks of ~64 KB of W (whole register blocks) are spread over `threads` threads.
+ * Spread over `threads` threads as `product` does.
  * ahead_ptrs, ahead_bytes: n_ahead regions for the reader once the product is done (see
  * `read_ahead`), under epoch `ahead_epoch`. They replace the last call's only if this product
  * runs on several threads (one thread: no worker hands over after it, and the last call's
@@ -561,11 +579,7 @@ int64_t llama4_few_rows(const float* x, int64_t ldx, int glu, const void* w, int
         ahead_set(ahead_ptrs, ahead_bytes, n_ahead < AHEAD_MAX ? n_ahead : AHEAD_MAX, (uint64_t)ahead_epoch);
         pthread_mutex_unlock(&pool.submit);
     }
-    int64_t row_bytes = K * (w_bf16 ? 2 : 4);
-    int64_t rows = (65536 / row_bytes) / RMAX * RMAX;
-    if (rows < RMAX) rows = RMAX;
-    few_rows_args a = {x, ldx, w, ldw, w_bf16, y, M, N, K, rows};
-    parallel(few_rows_chunk, &a, (N + rows - 1) / rows, parallel_threads);
+    product(x, ldx, w, ldw, w_bf16, y, M, N, K, parallel_threads);
     free(act);
     return replace;
 }
@@ -597,6 +611,7 @@ typedef struct {
     float scale;
     int bf16;
     float* scratch; /* per chunk: scores (G, S), queries (G, Dh), outputs (G, Dh) in float32 */
+    const int64_t* kv_rows; /* NULL, or the row of k and v that row b of q reads (cache slots) */
 } attention_args;
 
 /* Round to the nearest bfloat16 (ties to even), as torch's casts do; NaN stays NaN. */
@@ -634,7 +649,8 @@ static inline float dot(const float* a, const void* w, int64_t idx, int64_t n, c
 
 static inline __attribute__((always_inline)) void attention_rows(const attention_args* a, int64_t c, const int bf16) {
     const int64_t b = c / a->K, kh = c % a->K, G = a->H / a->K, S = a->S, Dh = a->Dh;
-    const int64_t k0 = b * a->kb + kh * a->kk, v0 = b * a->vb + kh * a->vk;
+    const int64_t kv = a->kv_rows ? a->kv_rows[b] : b;
+    const int64_t k0 = kv * a->kb + kh * a->kk, v0 = kv * a->vb + kh * a->vk;
     const uint8_t* mask = a->mask ? a->mask + b * a->mb : NULL;
     float* sc = a->scratch + c * G * (S + 2 * Dh); /* (G, S) */
     float* q = sc + G * S;                         /* (G, Dh): query heads kh * G .. kh * G + G - 1 */
@@ -682,7 +698,7 @@ int llama4_decode_attention(const void* q, int64_t qb, int64_t qh, const void* k
     /* The scores: as many as torch's scores tensor. */
     float* scratch = malloc(sizeof(float) * B * H * (S + 2 * Dh));
     if (!scratch) return -1;
-    attention_args a = {q, k, v, qb, qh, kb, kk, ks, vb, vk, vs, mask, mb, out, H, K, S, Dh, scale, bf16, scratch};
+    attention_args a = {q, k, v, qb, qh, kb, kk, ks, vb, vk, vs, mask, mb, out, H, K, S, Dh, scale, bf16, scratch, NULL};
     parallel(attention_chunk, &a, B * K, B * H * S * Dh >= 65536 ? threads : 1);
     free(scratch);
     return 0;
@@ -756,4 +772,204 @@ void llama4_rms_norm(const void* x, int64_t ldx, const void* w, void* y, int bf1
         norm_rows(x, ldx, w, y, 1, rows, dim, eps);
     else
         norm_rows(x, ldx, w, y, 0, rows, dim, eps);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * A whole decode step in one call: the embedding rows, every layer, the final norm and the output
+ * head, for B rows of one new token each, with float32 weights and KV cache. It computes what
+ * the model's forward computes with the engine's cache (llama4.model.transformer, .attention,
+ * .moe; llama4.engine.cache), op for op and with the kernels above, minus the ~5 ms of Python
+ * and small torch ops a step spent between products. llama4/engine/step.py lays out the plan
+ * (`step_model`, one `step_layer` per layer) and holds the two to the same logits in its tests.
+ * ------------------------------------------------------------------------------------------ */
+typedef struct {
+    const float* attention_norm; /* (D) */
+    const float* qkv;            /* ((H + 2K) Dh, D): the q, k and v projections stacked */
+    int64_t ld_qkv;
+    const float* o; /* (D, H Dh) */
+    int64_t ld_o;
+    float* k_cache; /* (slots, K, capacity, Dh) contiguous */
+    float* v_cache;
+    int64_t capacity;
+    int64_t is_global;          /* NoPE, the whole history; else RoPE and the current chunk */
+    int64_t qk_norm;            /* RMS-normalise each q and k head after RoPE */
+    int64_t temperature_tuning; /* scale q by a function of its position */
+    const float* ffn_norm;      /* (D) */
+    const float* gate_up;       /* the dense FFN or the shared expert: (2F, D) = [gate | up] */
+    int64_t ld_gate_up;
+    const float* down; /* (D, F) */
+    int64_t ld_down, hidden;
+    int64_t n_experts, top_k;   /* 0 experts: a dense FFN layer */
+    const float* router;        /* (E, D) */
+    int64_t ld_router;
+    const float* router_bias;   /* (E): steers the choice only */
+    const float* expert_gate_up; /* expert e: (2Fe, D) at e * expert_gate_up_stride */
+    int64_t expert_gate_up_stride, expert_ld_gate_up;
+    const float* expert_down; /* expert e: (D, Fe) at e * expert_down_stride */
+    int64_t expert_down_stride, expert_ld_down, expert_hidden;
+} step_layer;
+
+typedef struct {
+    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, vocab, chunk;
+    float norm_eps, attn_scale, floor_scale;
+    const float* embedding; /* (V, D) */
+    int64_t ld_embedding;
+    const float* norm; /* (D) */
+    const float* head; /* (V, D) */
+    int64_t ld_head;
+    const float* inv_freq; /* (Dh / 2) */
+    const step_layer* layers;
+} step_model;
+
+/* Working memory of one step, in floats (mask: bytes). */
+typedef struct {
+    float *x, *xn, *qkv, *att, *y, *ffn, *gu, *act, *rows, *cos, *sin, *scores;
+    uint8_t* mask;
+    int64_t *order, *token, *count; /* experts in order of first choice, rows of one expert, keys per row */
+} step_work;
+
+/* Attention half of layer L on rows x (B, D): x += o(attention(norm(x))), k and v stored. */
+static void step_attention(const step_model* m, const step_layer* L, step_work* w, const int64_t* slots,
+                           const int64_t* pos, int64_t B, int threads) {
+    const int64_t D = m->dim, H = m->n_heads, K = m->n_kv_heads, Dh = m->head_dim, QKV = (H + 2 * K) * Dh;
+    norm_rows(w->x, D, L->attention_norm, w->xn, 0, B, D, m->norm_eps);
+    product(w->xn, D, L->qkv, L->ld_qkv, 0, w->qkv, B, QKV, D, threads);
+    int64_t S = 0, same = 1;
+    for (int64_t b = 0; b < B; b++) {
+        float* row = w->qkv + b * QKV; /* q (H heads), k (K heads), v (K heads) */
+        if (!L->is_global) /* queries and keys rotate together, as in the model */
+            rope_rows(row, 0, 1, QKV, H + K, Dh, Dh, w->cos + b * Dh / 2, w->sin + b * Dh / 2,
+                      L->qk_norm ? m->norm_eps : -1.f);
+        if (L->temperature_tuning) {
+            const float scale = 1.f + m->attn_scale * log1pf(floorf(((float)pos[b] + 1.f) / m->floor_scale));
+            for (int64_t i = 0; i < H * Dh; i++) row[i] *= scale;
+        }
+        const int64_t at = L->is_global ? pos[b] : pos[b] % m->chunk; /* where the cache keeps it */
+        for (int64_t kh = 0; kh < K; kh++) {
+            const int64_t to = ((slots[b] * K + kh) * L->capacity + at) * Dh;
+            memcpy(L->k_cache + to, row + (H + kh) * Dh, sizeof(float) * Dh);
+            memcpy(L->v_cache + to, row + (H + K + kh) * Dh, sizeof(float) * Dh);
+        }
+        w->count[b] = at + 1; /* keys row b attends to */
+        if (b && w->count[b] != S) same = 0;
+        if (w->count[b] > S) S = w->count[b];
+    }
+    if (!same) /* rows of different lengths: each attends to its own */
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t s = 0; s < S; s++) w->mask[b * S + s] = s < w->count[b];
+    attention_args a = {w->qkv, L->k_cache, L->v_cache, QKV, Dh, K * L->capacity * Dh, L->capacity * Dh, Dh,
+                        K * L->capacity * Dh, L->capacity * Dh, Dh, same ? NULL : w->mask, S, w->att, H, K, S,
+                        Dh, (float)pow((double)Dh, -0.5), 0, w->scores, slots};
+    parallel(attention_chunk, &a, B * K, B * H * S * Dh >= 65536 ? threads : 1);
+    product(w->att, H * Dh, L->o, L->ld_o, 0, w->y, B, D, H * Dh, threads);
+    for (int64_t i = 0; i < B * D; i++) w->x[i] += w->y[i];
+}
+
+/* Feed-forward half: x += ffn(norm(x)); an MoE layer's routing goes to logits (B, E), experts
+ * and gates (B, k). */
+static void step_ffn(const step_model* m, const step_layer* L, step_work* w, int64_t B, float* logits,
+                     int64_t* experts, float* gates, int threads) {
+    const int64_t D = m->dim, F = L->hidden, E = L->n_experts, k = L->top_k, Fe = L->expert_hidden;
+    norm_rows(w->x, D, L->ffn_norm, w->xn, 0, B, D, m->norm_eps);
+    product(w->xn, D, L->gate_up, L->ld_gate_up, 0, w->gu, B, 2 * F, D, threads);
+    product_glu(w->gu, 2 * F, L->down, L->ld_down, 0, w->ffn, w->act, B, D, F, threads);
+    if (E) {
+        /* Router: top k of logits + bias (ties: the lower id), gates sigmoid(logit). */
+        product(w->xn, D, L->router, L->ld_router, 0, logits, B, E, D, threads);
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t j = 0; j < k; j++) {
+                int64_t best = -1;
+                float top = 0.f;
+                for (int64_t e = 0; e < E; e++) {
+                    int taken = 0;
+                    for (int64_t i = 0; i < j; i++) taken |= experts[b * k + i] == e;
+                    const float v = logits[b * E + e] + L->router_bias[e];
+                    if (!taken && (best < 0 || v > top)) best = e, top = v;
+                }
+                experts[b * k + j] = best;
+                gates[b * k + j] = 1.f / (1.f + expf(-logits[b * E + best]));
+            }
+        /* Each chosen expert once, on all its rows (experts in order of first choice, rows in
+         * order: the model's grouping, so every row sums its experts in the model's order). */
+        int64_t n_order = 0;
+        for (int64_t i = 0; i < B * k; i++) {
+            int64_t seen = 0;
+            for (int64_t o = 0; o < n_order; o++) seen |= w->order[o] == experts[i];
+            if (!seen) w->order[n_order++] = experts[i];
+        }
+        for (int64_t o = 0; o < n_order; o++) {
+            const int64_t e = w->order[o];
+            int64_t n = 0;
+            for (int64_t i = 0; i < B * k; i++)
+                if (experts[i] == e) {
+                    const float g = gates[i];
+                    for (int64_t d = 0; d < D; d++) w->rows[n * D + d] = w->xn[i / k * D + d] * g;
+                    w->token[n++] = i / k;
+                }
+            product(w->rows, D, L->expert_gate_up + e * L->expert_gate_up_stride, L->expert_ld_gate_up, 0,
+                    w->gu, n, 2 * Fe, D, threads);
+            product_glu(w->gu, 2 * Fe, L->expert_down + e * L->expert_down_stride, L->expert_ld_down, 0, w->y,
+                        w->act, n, D, Fe, threads);
+            for (int64_t r = 0; r < n; r++)
+                for (int64_t d = 0; d < D; d++) w->ffn[w->token[r] * D + d] += w->y[r * D + d];
+        }
+    }
+    for (int64_t i = 0; i < B * D; i++) w->x[i] += w->ffn[i];
+}
+
+/* logits (B, V) for tokens (B) appended to cache slots `slots` at positions `pos` (each below its
+ * layer's capacity; the caller checks). Routing of the MoE layers, in layer order: router_logits
+ * (B, E), experts (B, k) and gates (B, k) each. Returns 0, or -1 when out of memory. */
+int64_t llama4_decode_step(const step_model* m, const int64_t* tokens, const int64_t* slots, const int64_t* pos,
+                           int64_t B, float* logits, float* router_logits, int64_t* experts, float* gates,
+                           int threads) {
+    const int64_t D = m->dim, H = m->n_heads, K = m->n_kv_heads, Dh = m->head_dim;
+    int64_t F = 1, S = 1, k = 1;
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const step_layer* L = &m->layers[l];
+        if (L->hidden > F) F = L->hidden;
+        if (L->n_experts && L->expert_hidden > F) F = L->expert_hidden;
+        if (L->n_experts && L->top_k > k) k = L->top_k;
+        if (L->capacity > S) S = L->capacity;
+    }
+    const int64_t sizes[12] = {B * D, B * D, B * (H + 2 * K) * Dh, B * H * Dh, B * D, B * D, B * 2 * F, B * F,
+                               B * D, B * Dh / 2, B * Dh / 2, B * H * (S + 2 * Dh)};
+    int64_t floats = 0;
+    for (int i = 0; i < 12; i++) floats += (sizes[i] + 15) / 16 * 16; /* parts 64 bytes apart */
+    float* mem = malloc(sizeof(float) * floats + sizeof(int64_t) * B * (2 * k + 1) + B * S);
+    if (!mem) return -1;
+    step_work w;
+    float** parts[12] = {&w.x, &w.xn, &w.qkv, &w.att, &w.y, &w.ffn, &w.gu, &w.act, &w.rows, &w.cos, &w.sin, &w.scores};
+    float* at = mem;
+    for (int i = 0; i < 12; i++) {
+        *parts[i] = at;
+        at += (sizes[i] + 15) / 16 * 16;
+    }
+    w.order = (int64_t*)at; /* B k */
+    w.token = w.order + B * k; /* B k */
+    w.count = w.token + B * k; /* B */
+    w.mask = (uint8_t*)(w.count + B); /* B S */
+
+    for (int64_t b = 0; b < B; b++) {
+        memcpy(w.x + b * D, m->embedding + tokens[b] * m->ld_embedding, sizeof(float) * D);
+        for (int64_t i = 0; i < Dh / 2; i++) { /* RoPE angles, as rope_cos_sin computes them */
+            const float angle = (float)pos[b] * m->inv_freq[i];
+            w.cos[b * Dh / 2 + i] = cosf(angle);
+            w.sin[b * Dh / 2 + i] = sinf(angle);
+        }
+    }
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const step_layer* L = &m->layers[l];
+        step_attention(m, L, &w, slots, pos, B, threads);
+        step_ffn(m, L, &w, B, router_logits, experts, gates, threads);
+        if (L->n_experts) {
+            router_logits += B * L->n_experts;
+            experts += B * L->top_k;
+            gates += B * L->top_k;
+        }
+    }
+    norm_rows(w.x, D, m->norm, w.xn, 0, B, D, m->norm_eps);
+    product(w.xn, D, m->head, m->ld_head, 0, logits, B, m->vocab, D, threads);
+    free(mem);
+    return 0;
 }
