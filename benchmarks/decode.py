@@ -14,9 +14,18 @@ pages, which llama4 puts decoding weights on, the oneDNN and llama4 matvecs and 
 on huge pages) is the fastest a step can be; "roofline" is that time / the measured step time.
 The issue's own definition divides by the measured matvec bandwidth (the best of the matvecs,
 without the sum, which is usually faster): that figure is printed too, as "matvec roofline".
+This machine's bandwidth moves from minute to minute (the best of the whole run may come from a
+quiet moment the steps never saw), so the bandwidth is also measured right before and after
+each timed run, and each run's median step is held against that same moment's bandwidth (the
+better of the two): the "same moment" fractions, the median over the runs.
 transformers runs every expert on every token (its Llama4TextExperts is a dense bmm), so it
-reads all E experts per layer. Also printed: the MB per step that llama4's reader thread read
-ahead between products (llama4.kernels.ReadAhead).
+reads all E experts per layer.
+
+llama4 runs three ways, alternating run by run (`measure_ours`): as the engine runs by default
+(on CPU with float32 weights, each decode step is one call of llama4's C kernels:
+llama4.engine.step), through the model's forward with llama4's kernels (the one-call step's slow
+twin; it prints the MB per step its reader thread read ahead between products), and through the
+model's forward on torch's kernels alone.
 
 Then llama4 alone again with bfloat16 weights (skip with --no-bf16): tokens/s against its
 float32 figure, and the fraction of its own (half-size) roofline.
@@ -42,6 +51,7 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -59,23 +69,28 @@ def matvec_bandwidth(
     return W.numel() * W.element_size() / best / 1e9, best * 1e3
 
 
-def memory_bandwidth(reps: int = 10) -> dict[str, float]:
-    """GB/s of reading memory, several ways: a 256 MiB fp32 matvec through MKL, through oneDNN
-    and through llama4's kernel (the "*_matvec" entries), and a 1 GiB sum; where the system offers
-    huge pages (llama4 puts decoding weights there), oneDNN's and llama4's matvec and the sum
-    again on huge pages ("*_huge": the bandwidth the engine's weights can get, so the roofline
-    holds the engine to it)."""
-    from llama4.model.inference import HUGE_PAGES, huge_empty
+class Bandwidth:
+    """GB/s of reading memory, several ways (`measure`): a 256 MiB fp32 matvec through MKL, through
+    oneDNN and through llama4's kernel (the "*_matvec" entries), and a 1 GiB sum; where the system
+    offers huge pages (llama4 puts decoding weights there), oneDNN's and llama4's matvec and the
+    sum again on huge pages ("*_huge": the bandwidth the engine's weights can get, so the roofline
+    holds the engine to it). The buffers are kept, so that it can measure again between runs."""
 
-    W = torch.randn(8192, 8192)
-    x = torch.randn(1, 8192)
-    big = torch.randn(2**28)
-    out = {"mkl_matvec": matvec_bandwidth(torch.float32, reps=reps)[0]}
-    _read_ways(out, "", W, x, big, reps)
-    if HUGE_PAGES:
-        W, big = huge_empty(W.shape, W.dtype).copy_(W), huge_empty(big.shape, big.dtype).copy_(big)
-        _read_ways(out, "_huge", W, x, big, reps)
-    return out
+    def __init__(self) -> None:
+        from llama4.model.inference import HUGE_PAGES, huge_empty
+
+        self.W, self.x, self.big = torch.randn(8192, 8192), torch.randn(1, 8192), torch.randn(2**28)
+        self.huge = None
+        if HUGE_PAGES:
+            W, big = self.W, self.big
+            self.huge = huge_empty(W.shape, W.dtype).copy_(W), huge_empty(big.shape, big.dtype).copy_(big)
+
+    def measure(self, reps: int = 10) -> dict[str, float]:
+        out = {"mkl_matvec": self.W.numel() * 4 / _best(lambda: F.linear(self.x, self.W), reps) / 1e9}
+        _read_ways(out, "", self.W, self.x, self.big, reps)
+        if self.huge is not None:
+            _read_ways(out, "_huge", self.huge[0], self.x, self.huge[1], reps)
+        return out
 
 
 def _read_ways(out: dict[str, float], pages: str, W, x, big, reps: int) -> None:
@@ -245,39 +260,63 @@ def _hf_generate(hf, ids, n_new, clock, kw):
         handle.remove()
 
 
-def measure_ours(
-    model, prompts, n, repeats
-) -> tuple[float, float | None, list[list[int]], list[list[int]], list[dict], float]:
-    """llama4 on `prompts`: (median decode step in s, the same on torch's kernels alone (None
-    without llama4's compiled kernels), tokens, distinct experts per layer per step, bytes each
-    step reads (`step_bytes`), bytes read ahead per token (llama4.kernels.ReadAhead: between
-    products, an idle-priority thread reads the next products' weights into the cache)). The two
-    kernel choices alternate run by run, so a busier or quieter moment of a shared machine
-    affects both alike."""
+@dataclass
+class Ours:
+    """llama4's figures for one batch (`measure_ours`)."""
+
+    step_s: float  # median decode step of the engine as it runs by default
+    forward_step_s: float | None  # the same through the model's forward (None: that is the default)
+    torch_step_s: float | None  # the model's forward on torch's kernels alone (None: no compiled kernels)
+    tokens: list[list[int]]
+    routing: list[list[int]]  # distinct experts per MoE layer, per step
+    per_step: list[dict]  # `step_bytes` of each step
+    ahead_per_token: float  # bytes read ahead between products, per token, in the forward arm
+    # Each repeat's median step (default arm) and the bandwidths (all ways, matvecs) measured
+    # right before and after it (the better of the two): the step against the same moment's memory.
+    moments: list[tuple[float, float, float]]
+
+
+def measure_ours(model, prompts, n, repeats, probe: Bandwidth | None = None) -> Ours:
+    """llama4 on `prompts`, three ways: the engine as it runs by default (on CPU with float32
+    weights each decode step is one call of llama4's C kernels, llama4.engine.step), the same
+    engine through the model's forward with llama4's kernels (`one_call_decode=False`: the step's
+    slow twin; there an idle-priority thread reads the next products' weights into the cache
+    between products, llama4.kernels.ReadAhead), and that forward on torch's kernels alone. The
+    ways alternate run by run, so a busier or quieter moment of a shared machine affects all alike.
+    With a `probe`, the bandwidth is measured before and after each repeat (`Ours.moments`)."""
     from llama4 import kernels
     from llama4.engine import Engine
 
     batch, kv_tokens = len(prompts), len(prompts[0]) + n // 2
     engine = Engine(model, slots=batch, max_len=len(prompts[0]) + n + 1)
+    forward = Engine(model, slots=batch, max_len=len(prompts[0]) + n + 1, one_call_decode=False)
+    one_call = engine._one_call is not None
     routing = count_routing(model, engine, prompts, n)
     compare = kernels.available()
-    steps, torch_steps, ahead = [], [], 0
+    steps, forward_steps, torch_steps, ahead, moments = [], [], [], 0, []
     with torch.inference_mode():
         for _ in range(repeats):
-            before = kernels.read_ahead_total()
+            before = best_bandwidths(probe.measure(3)) if probe is not None else None
             s, tokens = time_ours(engine, prompts, n, 1)
-            ahead += kernels.read_ahead_total() - before
             steps += s
+            if probe is not None:
+                moments.append((statistics.median(s), *best_bandwidths(probe.measure(3), before)))
+            if one_call:
+                before = kernels.read_ahead_total()
+                forward_steps += time_ours(forward, prompts, n, 1)[0]
+                ahead += kernels.read_ahead_total() - before
             if compare:
                 with kernels.disabled():
-                    torch_steps += time_ours(engine, prompts, n, 1)[0]
-    return (
+                    torch_steps += time_ours(forward, prompts, n, 1)[0]
+    return Ours(
         statistics.median(steps),
+        statistics.median(forward_steps) if one_call else None,
         statistics.median(torch_steps) if compare else None,
         tokens,
         routing,
         [step_bytes(model, r, batch, kv_tokens) for r in routing],
         ahead / (repeats * n),
+        moments,
     )
 
 
@@ -291,7 +330,8 @@ def time_bf16(path, all_prompts, n, repeats, bw, fp32_rows) -> dict[int, dict[st
     model = llama4.load(path, dtype="bfloat16")
     rows = {}
     for batch, prompts in all_prompts.items():
-        step_s, _, _, _, per_step, _ = measure_ours(model, prompts, n, repeats)
+        ours = measure_ours(model, prompts, n, repeats)
+        step_s, per_step = ours.step_s, ours.per_step
         nbytes = statistics.mean(b["ours"] for b in per_step)
         rows[batch] = r = {
             "tokens_per_s": batch / step_s,
@@ -331,7 +371,8 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; torch {torch.__version__}, "
           f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
           f"llama4's compiled CPU kernels: {'yes' if kernels.available() else 'NO (torch kernels)'}")  # fmt: skip
-    ways = memory_bandwidth()
+    probe = Bandwidth()
+    ways = probe.measure()
     bw, bw_mv = best_bandwidths(ways)
     print("memory bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in ways.items())
           + f" -> roofline uses {bw:.1f} GB/s, matvec roofline {bw_mv:.1f} GB/s")  # fmt: skip
@@ -358,11 +399,10 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = torch.randint(0, args.vocab, (batch, args.prompt), generator=g).tolist()
         all_prompts[batch] = prompts
-        step_s, torch_step_s, ours_tokens, routing, per_step, ahead = measure_ours(
-            model, prompts, n, args.repeats
-        )
-        # the machine may be busier or quieter now
-        bw, bw_mv = best_bandwidths(memory_bandwidth(reps=5), (bw, bw_mv))
+        ours = measure_ours(model, prompts, n, args.repeats, probe)
+        step_s, per_step = ours.step_s, ours.per_step
+        for _, moment_bw, moment_mv in ours.moments:  # the best bandwidths seen so far
+            bw, bw_mv = max(bw, moment_bw), max(bw_mv, moment_mv)
         ours_bytes = statistics.mean(b["ours"] for b in per_step)
         dense_bytes = per_step[0]["dense_experts"]
         roof_s = ours_bytes / (bw * 1e9)
@@ -373,23 +413,38 @@ def main() -> None:
             "roofline_step_ms": roof_s * 1e3,
             "roofline_fraction": roof_s / step_s,
             "matvec_roofline_fraction": ours_bytes / (bw_mv * 1e9) / step_s,
-            "distinct_experts_per_layer": statistics.mean(sum(r) / len(r) for r in routing),
-            "read_ahead_mb_per_step": ahead / 1e6,
+            "distinct_experts_per_layer": statistics.mean(sum(r) / len(r) for r in ours.routing),
+            # each run's median step against the bandwidth measured right around it; median of runs
+            "same_moment_roofline_fraction": statistics.median(
+                ours_bytes / (b * 1e9) / t for t, b, _ in ours.moments
+            ),
+            "same_moment_matvec_roofline_fraction": statistics.median(
+                ours_bytes / (m * 1e9) / t for t, _, m in ours.moments
+            ),
         }
-        line = (
+        print(
             f"\nbatch {batch}: llama4 {row['ours_tokens_per_s']:.1f} tokens/s ({step_s * 1e3:.1f} ms/step); "
             f"reads {ours_bytes / 1e6:.0f} MB/step ({row['distinct_experts_per_layer']:.1f} experts/layer) "
             f"-> roofline {roof_s * 1e3:.1f} ms/step = {row['roofline_fraction'] * 100:.0f}% of roofline "
-            f"({row['matvec_roofline_fraction'] * 100:.0f}% of the matvec roofline); "
-            f"{ahead / 1e6:.0f} MB/step read ahead between products"
+            f"({row['matvec_roofline_fraction'] * 100:.0f}% of the matvec roofline); against the bandwidth "
+            f"measured right around each run: {row['same_moment_roofline_fraction'] * 100:.0f}% "
+            f"({row['same_moment_matvec_roofline_fraction'] * 100:.0f}% matvec), median of {len(ours.moments)} runs"
         )
-        print(line)
-        if torch_step_s is not None:  # the same engine on torch's kernels (oneDNN, F.rms_norm)
-            row["ours_torch_kernels_tokens_per_s"] = batch / torch_step_s
-            row["compiled_kernels_speedup"] = torch_step_s / step_s
+        if ours.forward_step_s is not None:  # the one-call step's slow twin
+            row["forward_tokens_per_s"] = batch / ours.forward_step_s
+            row["one_call_speedup"] = ours.forward_step_s / step_s
+            row["read_ahead_mb_per_step"] = ours.ahead_per_token / 1e6
             print(
-                f"  llama4 on torch's kernels alone: {batch / torch_step_s:.1f} tokens/s -> "
-                f"llama4's compiled kernels are {torch_step_s / step_s:.2f}x faster"
+                f"  llama4 through the model's forward: {batch / ours.forward_step_s:.1f} tokens/s "
+                f"({ours.ahead_per_token / 1e6:.0f} MB/step read ahead between products) -> the one-call "
+                f"step is {row['one_call_speedup']:.2f}x faster"
+            )
+        if ours.torch_step_s is not None:  # the model's forward on torch's kernels (oneDNN, F.rms_norm)
+            row["ours_torch_kernels_tokens_per_s"] = batch / ours.torch_step_s
+            row["compiled_kernels_speedup"] = ours.torch_step_s / step_s
+            print(
+                f"  llama4 through the model's forward on torch's kernels alone: {batch / ours.torch_step_s:.1f} "
+                f"tokens/s -> llama4's kernels are {row['compiled_kernels_speedup']:.2f}x faster"
             )
         if hf is not None:
             with torch.inference_mode():
@@ -398,7 +453,7 @@ def main() -> None:
             row["hf_tokens_per_s"] = batch / hf_step_s
             row["speedup_vs_hf"] = hf_step_s / step_s
             row["hf_roofline_fraction"] = dense_bytes / (bw * 1e9) / hf_step_s
-            same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+            same = sum(a == b for a, b in zip(ours.tokens, hf_tokens))
             row["same_tokens_as_hf"] = f"{same}/{batch}"
             print(
                 f"  transformers {row['hf_tokens_per_s']:.1f} tokens/s ({hf_step_s * 1e3:.1f} ms/step, "

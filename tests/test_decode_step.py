@@ -150,3 +150,21 @@ def test_one_call_step_scope():
     assert Engine(make_model(cfg).bfloat16(), slots=1, max_len=16)._one_call is None
     assert Engine(make_model(cfg).float(), slots=1, max_len=16, one_call_decode=False)._one_call is None
     assert Engine(make_model(cfg).float(), slots=1, max_len=16)._one_call is not None
+
+
+@pytest.mark.parametrize("one_call", [True, False])
+def test_slots_outside_the_cache_are_refused(one_call):
+    """A slot outside the cache is the caller's error, said as such, and changes nothing (the
+    one-call step would otherwise write outside the cache for a negative one)."""
+    model = float_model(CONFIGS["moe-top1-qknorm"])
+    engine = Engine(model, slots=2, max_len=32, one_call_decode=one_call)
+    with torch.inference_mode():
+        engine.prefill([0, 1], [prompt_of(5), prompt_of(3)])
+        before = [t.clone() for t in (engine.cache.gk, engine.cache.lk)]
+        for slots in ([-1], [2], [0, -2]):
+            with pytest.raises(ValueError, match="slots 0..1"):
+                engine.decode(slots, [1] * len(slots))
+        with pytest.raises(ValueError, match="slots 0..1"):
+            engine.prefill([-1], [[1, 2]])
+    assert engine.cache.lengths == [5, 3] and [len(h) for h in engine.history] == [5, 3]
+    assert all(torch.equal(a, b) for a, b in zip(before, (engine.cache.gk, engine.cache.lk)))

@@ -162,6 +162,8 @@ class KVCache:
         B = len(slots)
         assert B == len(n_new) and B >= 1, f"{B} slots but {len(n_new)} token counts"
         assert len(set(slots)) == B, f"slots {list(slots)} repeat"
+        if not all(0 <= s < self.n_slots for s in slots):  # a negative one would index from the end
+            raise ValueError(f"slots {list(slots)}: the cache has slots 0..{self.n_slots - 1}")
         starts = [self.lengths[s] for s in slots]
         ends = [a + n for a, n in zip(starts, n_new)]
         for s, n, e in zip(slots, n_new, ends):
