@@ -376,10 +376,11 @@ def test_engine_bf16_logits_with_and_without_the_kernels(monkeypatch):
     """bfloat16: the kernels and torch's ops round in different places (sums in another order,
     one rounding instead of several), so a near-tie may make free-running greedy tokens part;
     along one token sequence (teacher forcing), every step's logits agree to bfloat16 precision.
-    The engine must really take the bfloat16 kernels (counted)."""
+    The engine must really take the bfloat16 kernels (counted) in the model's forward (the
+    one-call step, tests/test_decode_step.py, calls them from C)."""
     model = small_model(torch.bfloat16)
     prompts = [[5, 9, 13], [7] * 11, [1, 2, 3, 4, 5, 6, 7]]
-    engine = Engine(model, slots=3, max_len=64)
+    engine = Engine(model, slots=3, max_len=64, one_call_decode=False)
     tokens = [c.tokens for c in engine.generate(prompts, SamplingParams(max_tokens=24))]
     calls = {"decode_attention": 0, "rope_": 0, "rms_norm": 0}
     for name in calls:

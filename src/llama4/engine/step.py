@@ -38,7 +38,7 @@ class _Layer(ctypes.Structure):  # kernels.c step_layer
         ("is_global", _i64), ("qk_norm", _i64), ("temperature_tuning", _i64),
         ("ffn_norm", _ptr), ("gate_up", _ptr), ("ld_gate_up", _i64), ("down", _ptr), ("ld_down", _i64),
         ("hidden", _i64), ("n_experts", _i64), ("top_k", _i64),
-        ("router", _ptr), ("ld_router", _i64), ("router_bias", _ptr),
+        ("router", _ptr), ("ld_router", _i64), ("router_bias", _ptr), ("router_bias_bf16", _i64),
         ("expert_gate_up", _ptr), ("expert_gate_up_stride", _i64), ("expert_ld_gate_up", _i64),
         ("expert_down", _ptr), ("expert_down_stride", _i64), ("expert_ld_down", _i64), ("expert_hidden", _i64),
     ]  # fmt: skip
@@ -47,7 +47,7 @@ class _Layer(ctypes.Structure):  # kernels.c step_layer
 class _Model(ctypes.Structure):  # kernels.c step_model
     _fields_ = [
         ("n_layers", _i64), ("dim", _i64), ("n_heads", _i64), ("n_kv_heads", _i64), ("head_dim", _i64),
-        ("vocab", _i64), ("chunk", _i64), ("norm_eps", _f32), ("attn_scale", _f32), ("floor_scale", _f32),
+        ("vocab", _i64), ("chunk", _i64), ("bf16", _i64), ("norm_eps", _f32), ("attn_scale", _f32), ("floor_scale", _f32),
         ("embedding", _ptr), ("ld_embedding", _i64), ("norm", _ptr), ("head", _ptr), ("ld_head", _i64),
         ("inv_freq", _ptr), ("layers", ctypes.POINTER(_Layer)),
     ]  # fmt: skip
@@ -72,7 +72,11 @@ class DecodeStep:
         self._modules: list[nn.Module] = []  # whose hooks would be skipped
         self._keep: list[torch.Tensor] = []  # what the plan points into
         _require(type(model) is Transformer, "not llama4's Transformer")
-        _require(cache.gk.dtype == torch.float32 and cache.device.type == "cpu", "cache not float32 on CPU")
+        # One dtype for the weights and the cache: float32, or bfloat16 (activations rounded as the
+        # forward rounds them).
+        self.dtype = model.tok_embeddings.weight.dtype
+        _require(self.dtype in (torch.float32, torch.bfloat16), f"weights are {self.dtype}")
+        _require(cache.gk.dtype == self.dtype and cache.device.type == "cpu", "cache dtype or device")
         _require(t.head_dim % 2 == 0 and t.n_heads % t.n_kv_heads == 0, "head layout")
         self.vocab = t.vocab_size
         self._moes: list[MoE] = []
@@ -88,10 +92,9 @@ class DecodeStep:
         self._modules += [model, emb, head]
         self._plan = _Model(
             t.n_layers, t.dim, t.n_heads, t.n_kv_heads, t.head_dim, t.vocab_size, t.attention_chunk_size,
-            t.norm_eps, t.attn_scale, t.floor_scale,
+            self.dtype == torch.bfloat16, t.norm_eps, t.attn_scale, t.floor_scale,
             self._weight(emb, "weight"), emb.weight.stride(0), self._norm(norm, t.norm_eps),
-            self._weight(head, "weight"), head.weight.stride(0),
-            self._weight(model, "rope_inv_freq", buffer=True), layers,
+            self._weight(head, "weight"), head.weight.stride(0), self._inv_freq(model), layers,
         )  # fmt: skip
         self._layers = layers
 
@@ -107,17 +110,28 @@ class DecodeStep:
     def _module(self, m: nn.Module) -> None:
         self._modules.append(m)
 
-    def _weight(self, m: nn.Module, name: str, *, buffer: bool = False, unit_dim: int = -1) -> int:
-        """Address of m's parameter (or buffer) `name`, recorded for `usable`: float32 on CPU, with
-        stride 1 along `unit_dim` (the rows the kernels stream)."""
+    def _weight(
+        self, m: nn.Module, name: str, *, buffer: bool = False, unit_dim: int = -1, dtypes: tuple = ()
+    ) -> int:
+        """Address of m's parameter (or buffer) `name`, recorded for `usable`: the plan's dtype (or
+        one of `dtypes`) on CPU, with stride 1 along `unit_dim` (the rows the kernels stream)."""
         container = m._buffers if buffer else m._parameters
         w = container.get(name)
         _require(w is not None, f"{type(m).__name__}.{name} is missing")
-        _require(w.dtype == torch.float32 and w.device.type == "cpu", f"{name} is {w.dtype} on {w.device}")
+        ok = w.dtype in (dtypes or (self.dtype,)) and w.device.type == "cpu"
+        _require(ok, f"{type(m).__name__}.{name} is {w.dtype} on {w.device}")
         _require(w.stride(unit_dim) == 1, f"{type(m).__name__}.{name} has strides {w.stride()}")
         self._tensors.append((container, name, w, w.data_ptr()))
         self._keep.append(w)
         return w.data_ptr()
+
+    def _inv_freq(self, model: Transformer) -> int:
+        """RoPE's frequencies, in float32 as the forward computes the angles (a float32 copy when
+        the buffer went to bfloat16 with the model; it is computed, never trained)."""
+        self._weight(model, "rope_inv_freq", buffer=True, dtypes=(torch.float32, torch.bfloat16))
+        freq = model.rope_inv_freq.float().contiguous()
+        self._keep.append(freq)
+        return freq.data_ptr()
 
     def _norm(self, norm: nn.Module, eps: float) -> int:
         _require(type(norm) is RMSNorm and norm.eps == eps, "a norm replaced or with another eps")
@@ -133,7 +147,7 @@ class DecodeStep:
             self._module(lin)
             self._weight(lin, "weight")
         w = fused.weight
-        _require(w.dtype == torch.float32 and w.stride(-1) == 1, "fused weight layout")
+        _require(w.dtype == self.dtype and w.stride(-1) == 1, "fused weight layout")
         self._keep.append(w)
         return w
 
@@ -167,7 +181,9 @@ class DecodeStep:
             L.n_experts, L.top_k = ff.num_experts, ff.top_k
             _require(0 < ff.top_k <= ff.num_experts, "top_k")
             L.router, L.ld_router = self._weight(router, "weight"), router.weight.stride(0)
-            L.router_bias = self._weight(router, "bias", buffer=True)
+            bias_dtypes = (torch.float32, torch.bfloat16)
+            L.router_bias = self._weight(router, "bias", buffer=True, dtypes=bias_dtypes)
+            L.router_bias_bf16 = router.bias.dtype == torch.bfloat16
             _require((ff.num_experts, ff.top_k) == (t.moe.num_experts, t.moe.top_k), "MoE sizes")
             # Stored output-major (E, D, 2F) and (E, F, D) views: expert e's rows are contiguous.
             gu, down = experts.gate_up_proj, experts.down_proj

@@ -743,25 +743,27 @@ void llama4_rope(void* x, int bf16, int64_t rows, int64_t ldr, int64_t heads, in
 }
 
 /* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w (w may be NULL: no scale), for `rows` rows of `dim`
- * values; x rows `ldx` apart, y contiguous; x, w, y float32, or all bfloat16 (bf16: computed in
- * float32, the normalised value rounded to bfloat16 before the scale, as the reference does).
+ * values; x rows `ldx` apart, y contiguous; x, w and y each float32 or bfloat16 (x16, w16, y16),
+ * computed in float32; with `round`, the normalised value and the result are rounded to bfloat16
+ * (before and after the scale, as the reference does for bfloat16 models).
  * One thread: the work is a few microseconds. */
-static inline __attribute__((always_inline)) void norm_rows(const void* x, int64_t ldx, const void* w, void* y,
-                                                            const int bf16, int64_t rows, int64_t dim, float eps) {
+static inline __attribute__((always_inline)) void norm_rows(const void* x, int64_t ldx, const int x16,
+                                                            const void* w, const int w16, void* y, const int y16,
+                                                            const int round, int64_t rows, int64_t dim, float eps) {
     for (int64_t r = 0; r < rows; r++) {
         const int64_t xr = r * ldx, yr = r * dim;
         vf acc = {0};
         int64_t i = 0;
         for (; i + VL <= dim; i += VL) {
-            vf v = load_w(x, xr + i, bf16);
+            vf v = load_w(x, xr + i, x16);
             acc += v * v;
         }
         float ss = hsum(acc);
-        for (; i < dim; i++) ss += w_at(x, xr + i, bf16) * w_at(x, xr + i, bf16);
+        for (; i < dim; i++) ss += w_at(x, xr + i, x16) * w_at(x, xr + i, x16);
         const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
         for (i = 0; i < dim; i++) {
-            const float v = as_stored(w_at(x, xr + i, bf16) * scale, bf16);
-            store(y, yr + i, w ? v * w_at(w, i, bf16) : v, bf16);
+            const float v = as_stored(w_at(x, xr + i, x16) * scale, round);
+            store(y, yr + i, as_stored(w ? v * w_at(w, i, w16) : v, round), y16);
         }
     }
 }
@@ -769,86 +771,111 @@ static inline __attribute__((always_inline)) void norm_rows(const void* x, int64
 void llama4_rms_norm(const void* x, int64_t ldx, const void* w, void* y, int bf16, int64_t rows, int64_t dim,
                      float eps) {
     if (bf16)
-        norm_rows(x, ldx, w, y, 1, rows, dim, eps);
+        norm_rows(x, ldx, 1, w, 1, y, 1, 1, rows, dim, eps);
     else
-        norm_rows(x, ldx, w, y, 0, rows, dim, eps);
+        norm_rows(x, ldx, 0, w, 0, y, 0, 0, rows, dim, eps);
 }
+
 
 /* ------------------------------------------------------------------------------------------
  * A whole decode step in one call: the embedding rows, every layer, the final norm and the output
- * head, for B rows of one new token each, with float32 weights and KV cache. It computes what
- * the model's forward computes with the engine's cache (llama4.model.transformer, .attention,
- * .moe; llama4.engine.cache), op for op and with the kernels above, minus the ~5 ms of Python
- * and small torch ops a step spent between products. llama4/engine/step.py lays out the plan
- * (`step_model`, one `step_layer` per layer) and holds the two to the same logits in its tests.
+ * head, for B rows of one new token each. It computes what the model's forward computes with the
+ * engine's cache (llama4.model.transformer, .attention, .moe; llama4.engine.cache), op for op
+ * and with the kernels above, without the Python and small torch ops that a step through the
+ * forward spends between products (~7 of 25 ms at batch 1 in benchmarks/decode.py).
+ * llama4/engine/step.py lays out the plan (`step_model`, one `step_layer` per layer); its tests
+ * hold the two to the same logits.
+ *
+ * Weights and cache are float32, or all bfloat16 (`bf16`). Activations are float32 arrays; in a
+ * bfloat16 model they hold bfloat16 values, rounded wherever the forward's ops round (each
+ * product's output, the residual adds, the norms, the gated inputs of the experts), and the
+ * attention half works on bfloat16 rows as the forward's kernels do.
  * ------------------------------------------------------------------------------------------ */
 typedef struct {
-    const float* attention_norm; /* (D) */
-    const float* qkv;            /* ((H + 2K) Dh, D): the q, k and v projections stacked */
+    const void* attention_norm; /* (D) */
+    const void* qkv;            /* ((H + 2K) Dh, D): the q, k and v projections stacked */
     int64_t ld_qkv;
-    const float* o; /* (D, H Dh) */
+    const void* o; /* (D, H Dh) */
     int64_t ld_o;
-    float* k_cache; /* (slots, K, capacity, Dh) contiguous */
-    float* v_cache;
+    void* k_cache; /* (slots, K, capacity, Dh) contiguous */
+    void* v_cache;
     int64_t capacity;
     int64_t is_global;          /* NoPE, the whole history; else RoPE and the current chunk */
     int64_t qk_norm;            /* RMS-normalise each q and k head after RoPE */
     int64_t temperature_tuning; /* scale q by a function of its position */
-    const float* ffn_norm;      /* (D) */
-    const float* gate_up;       /* the dense FFN or the shared expert: (2F, D) = [gate | up] */
+    const void* ffn_norm;       /* (D) */
+    const void* gate_up;        /* the dense FFN or the shared expert: (2F, D) = [gate | up] */
     int64_t ld_gate_up;
-    const float* down; /* (D, F) */
+    const void* down; /* (D, F) */
     int64_t ld_down, hidden;
-    int64_t n_experts, top_k;   /* 0 experts: a dense FFN layer */
-    const float* router;        /* (E, D) */
+    int64_t n_experts, top_k; /* 0 experts: a dense FFN layer */
+    const void* router;       /* (E, D) */
     int64_t ld_router;
-    const float* router_bias;   /* (E): steers the choice only */
-    const float* expert_gate_up; /* expert e: (2Fe, D) at e * expert_gate_up_stride */
+    const void* router_bias; /* (E): steers the choice only; bfloat16 if router_bias_bf16 */
+    int64_t router_bias_bf16;
+    const void* expert_gate_up; /* expert e: (2Fe, D) at e * expert_gate_up_stride */
     int64_t expert_gate_up_stride, expert_ld_gate_up;
-    const float* expert_down; /* expert e: (D, Fe) at e * expert_down_stride */
+    const void* expert_down; /* expert e: (D, Fe) at e * expert_down_stride */
     int64_t expert_down_stride, expert_ld_down, expert_hidden;
 } step_layer;
 
 typedef struct {
-    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, vocab, chunk;
+    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, vocab, chunk, bf16;
     float norm_eps, attn_scale, floor_scale;
-    const float* embedding; /* (V, D) */
+    const void* embedding; /* (V, D) */
     int64_t ld_embedding;
-    const float* norm; /* (D) */
-    const float* head; /* (V, D) */
+    const void* norm; /* (D) */
+    const void* head; /* (V, D) */
     int64_t ld_head;
-    const float* inv_freq; /* (Dh / 2) */
+    const float* inv_freq; /* (Dh / 2) float32 */
     const step_layer* layers;
 } step_model;
 
-/* Working memory of one step, in floats (mask: bytes). */
+/* Working memory of one step. */
 typedef struct {
     float *x, *xn, *qkv, *att, *y, *ffn, *gu, *act, *rows, *cos, *sin, *scores;
+    void *q, *out;  /* the attention half's rows in the weights' dtype (bf16: copies; else qkv, att) */
     uint8_t* mask;
     int64_t *order, *token, *count; /* experts in order of first choice, rows of one expert, keys per row */
 } step_work;
+
+/* a[i] as stored in the model's dtype, for n values (bf16: rounded; float32: as they are). */
+static void round_as(float* a, int64_t n, const int bf16) {
+    if (bf16)
+        for (int64_t i = 0; i < n; i++) a[i] = as_stored(a[i], 1);
+}
+
+static void step_norm(const step_model* m, const float* x, const void* w, float* y, int64_t B) {
+    if (m->bf16)
+        norm_rows(x, m->dim, 0, w, 1, y, 0, 1, B, m->dim, m->norm_eps);
+    else
+        norm_rows(x, m->dim, 0, w, 0, y, 0, 0, B, m->dim, m->norm_eps);
+}
 
 /* Attention half of layer L on rows x (B, D): x += o(attention(norm(x))), k and v stored. */
 static void step_attention(const step_model* m, const step_layer* L, step_work* w, const int64_t* slots,
                            const int64_t* pos, int64_t B, int threads) {
     const int64_t D = m->dim, H = m->n_heads, K = m->n_kv_heads, Dh = m->head_dim, QKV = (H + 2 * K) * Dh;
-    norm_rows(w->x, D, L->attention_norm, w->xn, 0, B, D, m->norm_eps);
-    product(w->xn, D, L->qkv, L->ld_qkv, 0, w->qkv, B, QKV, D, threads);
+    const int bf16 = (int)m->bf16, size = bf16 ? 2 : 4;
+    step_norm(m, w->x, L->attention_norm, w->xn, B);
+    product(w->xn, D, L->qkv, L->ld_qkv, bf16, w->qkv, B, QKV, D, threads);
+    if (bf16)
+        for (int64_t i = 0; i < B * QKV; i++) store(w->q, i, w->qkv[i], 1);
     int64_t S = 0, same = 1;
     for (int64_t b = 0; b < B; b++) {
-        float* row = w->qkv + b * QKV; /* q (H heads), k (K heads), v (K heads) */
+        char* row = (char*)w->q + b * QKV * size; /* q (H heads), k (K heads), v (K heads) */
         if (!L->is_global) /* queries and keys rotate together, as in the model */
-            rope_rows(row, 0, 1, QKV, H + K, Dh, Dh, w->cos + b * Dh / 2, w->sin + b * Dh / 2,
+            rope_rows(row, bf16, 1, QKV, H + K, Dh, Dh, w->cos + b * Dh / 2, w->sin + b * Dh / 2,
                       L->qk_norm ? m->norm_eps : -1.f);
         if (L->temperature_tuning) {
             const float scale = 1.f + m->attn_scale * log1pf(floorf(((float)pos[b] + 1.f) / m->floor_scale));
-            for (int64_t i = 0; i < H * Dh; i++) row[i] *= scale;
+            for (int64_t i = 0; i < H * Dh; i++) store(row, i, w_at(row, i, bf16) * scale, bf16);
         }
         const int64_t at = L->is_global ? pos[b] : pos[b] % m->chunk; /* where the cache keeps it */
         for (int64_t kh = 0; kh < K; kh++) {
-            const int64_t to = ((slots[b] * K + kh) * L->capacity + at) * Dh;
-            memcpy(L->k_cache + to, row + (H + kh) * Dh, sizeof(float) * Dh);
-            memcpy(L->v_cache + to, row + (H + K + kh) * Dh, sizeof(float) * Dh);
+            const int64_t to = ((slots[b] * K + kh) * L->capacity + at) * Dh * size;
+            memcpy((char*)L->k_cache + to, row + (H + kh) * Dh * size, size * Dh);
+            memcpy((char*)L->v_cache + to, row + (H + K + kh) * Dh * size, size * Dh);
         }
         w->count[b] = at + 1; /* keys row b attends to */
         if (b && w->count[b] != S) same = 0;
@@ -857,25 +884,37 @@ static void step_attention(const step_model* m, const step_layer* L, step_work* 
     if (!same) /* rows of different lengths: each attends to its own */
         for (int64_t b = 0; b < B; b++)
             for (int64_t s = 0; s < S; s++) w->mask[b * S + s] = s < w->count[b];
-    attention_args a = {w->qkv, L->k_cache, L->v_cache, QKV, Dh, K * L->capacity * Dh, L->capacity * Dh, Dh,
-                        K * L->capacity * Dh, L->capacity * Dh, Dh, same ? NULL : w->mask, S, w->att, H, K, S,
-                        Dh, (float)pow((double)Dh, -0.5), 0, w->scores, slots};
+    attention_args a = {w->q, L->k_cache, L->v_cache, QKV, Dh, K * L->capacity * Dh, L->capacity * Dh, Dh,
+                        K * L->capacity * Dh, L->capacity * Dh, Dh, same ? NULL : w->mask, S, w->out, H, K, S,
+                        Dh, (float)pow((double)Dh, -0.5), bf16, w->scores, slots};
     parallel(attention_chunk, &a, B * K, B * H * S * Dh >= 65536 ? threads : 1);
-    product(w->att, H * Dh, L->o, L->ld_o, 0, w->y, B, D, H * Dh, threads);
-    for (int64_t i = 0; i < B * D; i++) w->x[i] += w->y[i];
+    if (bf16)
+        for (int64_t i = 0; i < B * H * Dh; i++) w->att[i] = w_at(w->out, i, 1);
+    product(w->att, H * Dh, L->o, L->ld_o, bf16, w->y, B, D, H * Dh, threads);
+    for (int64_t i = 0; i < B * D; i++) w->x[i] = as_stored(w->x[i] + as_stored(w->y[i], bf16), bf16);
+}
+
+/* SwiGLU of n rows (D) with gate_up (2F, D) and down (D, F) into y (n, D), rounded as stored. */
+static void step_swiglu(const step_model* m, step_work* w, const float* x, const void* gate_up, int64_t ld_gate_up,
+                        const void* down, int64_t ld_down, int64_t F, float* y, int64_t n, int threads) {
+    const int bf16 = (int)m->bf16;
+    product(x, m->dim, gate_up, ld_gate_up, bf16, w->gu, n, 2 * F, m->dim, threads);
+    round_as(w->gu, n * 2 * F, bf16);
+    product_glu(w->gu, 2 * F, down, ld_down, bf16, y, w->act, n, m->dim, F, threads);
+    round_as(y, n * m->dim, bf16);
 }
 
 /* Feed-forward half: x += ffn(norm(x)); an MoE layer's routing goes to logits (B, E), experts
  * and gates (B, k). */
 static void step_ffn(const step_model* m, const step_layer* L, step_work* w, int64_t B, float* logits,
                      int64_t* experts, float* gates, int threads) {
-    const int64_t D = m->dim, F = L->hidden, E = L->n_experts, k = L->top_k, Fe = L->expert_hidden;
-    norm_rows(w->x, D, L->ffn_norm, w->xn, 0, B, D, m->norm_eps);
-    product(w->xn, D, L->gate_up, L->ld_gate_up, 0, w->gu, B, 2 * F, D, threads);
-    product_glu(w->gu, 2 * F, L->down, L->ld_down, 0, w->ffn, w->act, B, D, F, threads);
+    const int64_t D = m->dim, E = L->n_experts, k = L->top_k;
+    const int bf16 = (int)m->bf16;
+    step_norm(m, w->x, L->ffn_norm, w->xn, B);
+    step_swiglu(m, w, w->xn, L->gate_up, L->ld_gate_up, L->down, L->ld_down, L->hidden, w->ffn, B, threads);
     if (E) {
-        /* Router: top k of logits + bias (ties: the lower id), gates sigmoid(logit). */
-        product(w->xn, D, L->router, L->ld_router, 0, logits, B, E, D, threads);
+        /* Router, in float32: top k of logits + bias (ties: the lower id), gates sigmoid(logit). */
+        product(w->xn, D, L->router, L->ld_router, bf16, logits, B, E, D, threads);
         for (int64_t b = 0; b < B; b++)
             for (int64_t j = 0; j < k; j++) {
                 int64_t best = -1;
@@ -883,7 +922,7 @@ static void step_ffn(const step_model* m, const step_layer* L, step_work* w, int
                 for (int64_t e = 0; e < E; e++) {
                     int taken = 0;
                     for (int64_t i = 0; i < j; i++) taken |= experts[b * k + i] == e;
-                    const float v = logits[b * E + e] + L->router_bias[e];
+                    const float v = logits[b * E + e] + w_at(L->router_bias, e, (int)L->router_bias_bf16);
                     if (!taken && (best < 0 || v > top)) best = e, top = v;
                 }
                 experts[b * k + j] = best;
@@ -901,20 +940,21 @@ static void step_ffn(const step_model* m, const step_layer* L, step_work* w, int
             const int64_t e = w->order[o];
             int64_t n = 0;
             for (int64_t i = 0; i < B * k; i++)
-                if (experts[i] == e) {
-                    const float g = gates[i];
-                    for (int64_t d = 0; d < D; d++) w->rows[n * D + d] = w->xn[i / k * D + d] * g;
+                if (experts[i] == e) { /* the gate multiplies the row before the expert */
+                    const float g = as_stored(gates[i], bf16);
+                    for (int64_t d = 0; d < D; d++) w->rows[n * D + d] = as_stored(w->xn[i / k * D + d] * g, bf16);
                     w->token[n++] = i / k;
                 }
-            product(w->rows, D, L->expert_gate_up + e * L->expert_gate_up_stride, L->expert_ld_gate_up, 0,
-                    w->gu, n, 2 * Fe, D, threads);
-            product_glu(w->gu, 2 * Fe, L->expert_down + e * L->expert_down_stride, L->expert_ld_down, 0, w->y,
-                        w->act, n, D, Fe, threads);
-            for (int64_t r = 0; r < n; r++)
-                for (int64_t d = 0; d < D; d++) w->ffn[w->token[r] * D + d] += w->y[r * D + d];
+            step_swiglu(m, w, w->rows, (const char*)L->expert_gate_up + e * L->expert_gate_up_stride * (bf16 ? 2 : 4),
+                        L->expert_ld_gate_up, (const char*)L->expert_down + e * L->expert_down_stride * (bf16 ? 2 : 4),
+                        L->expert_ld_down, L->expert_hidden, w->y, n, threads);
+            for (int64_t r = 0; r < n; r++) {
+                float* f = w->ffn + w->token[r] * D;
+                for (int64_t d = 0; d < D; d++) f[d] = as_stored(f[d] + w->y[r * D + d], bf16);
+            }
         }
     }
-    for (int64_t i = 0; i < B * D; i++) w->x[i] += w->ffn[i];
+    for (int64_t i = 0; i < B * D; i++) w->x[i] = as_stored(w->x[i] + w->ffn[i], bf16);
 }
 
 /* logits (B, V) for tokens (B) appended to cache slots `slots` at positions `pos` (each below its
@@ -924,6 +964,7 @@ int64_t llama4_decode_step(const step_model* m, const int64_t* tokens, const int
                            int64_t B, float* logits, float* router_logits, int64_t* experts, float* gates,
                            int threads) {
     const int64_t D = m->dim, H = m->n_heads, K = m->n_kv_heads, Dh = m->head_dim;
+    const int bf16 = (int)m->bf16;
     int64_t F = 1, S = 1, k = 1;
     for (int64_t l = 0; l < m->n_layers; l++) {
         const step_layer* L = &m->layers[l];
@@ -932,26 +973,33 @@ int64_t llama4_decode_step(const step_model* m, const int64_t* tokens, const int
         if (L->n_experts && L->top_k > k) k = L->top_k;
         if (L->capacity > S) S = L->capacity;
     }
-    const int64_t sizes[12] = {B * D, B * D, B * (H + 2 * K) * Dh, B * H * Dh, B * D, B * D, B * 2 * F, B * F,
-                               B * D, B * Dh / 2, B * Dh / 2, B * H * (S + 2 * Dh)};
+    /* Float arrays, then (bf16) the attention half's rows, each part 64 bytes aligned within. */
+    const int64_t sizes[14] = {B * D,     B * D,          B * (H + 2 * K) * Dh, B * H * Dh, B * D,
+                               B * D,     B * 2 * F,      B * F,                B * D,      B * Dh / 2,
+                               B * Dh / 2, B * H * (S + 2 * Dh), bf16 ? (B * (H + 2 * K) * Dh + 1) / 2 : 0,
+                               bf16 ? (B * H * Dh + 1) / 2 : 0};
     int64_t floats = 0;
-    for (int i = 0; i < 12; i++) floats += (sizes[i] + 15) / 16 * 16; /* parts 64 bytes apart */
+    for (int i = 0; i < 14; i++) floats += (sizes[i] + 15) / 16 * 16;
     float* mem = malloc(sizeof(float) * floats + sizeof(int64_t) * B * (2 * k + 1) + B * S);
     if (!mem) return -1;
     step_work w;
-    float** parts[12] = {&w.x, &w.xn, &w.qkv, &w.att, &w.y, &w.ffn, &w.gu, &w.act, &w.rows, &w.cos, &w.sin, &w.scores};
+    float *q16, *out16;
+    float** parts[14] = {&w.x,   &w.xn,  &w.qkv, &w.att, &w.y,   &w.ffn, &w.gu,
+                         &w.act, &w.rows, &w.cos, &w.sin, &w.scores, &q16, &out16};
     float* at = mem;
-    for (int i = 0; i < 12; i++) {
+    for (int i = 0; i < 14; i++) {
         *parts[i] = at;
         at += (sizes[i] + 15) / 16 * 16;
     }
-    w.order = (int64_t*)at; /* B k */
-    w.token = w.order + B * k; /* B k */
-    w.count = w.token + B * k; /* B */
-    w.mask = (uint8_t*)(w.count + B); /* B S */
+    w.q = bf16 ? (void*)q16 : (void*)w.qkv;
+    w.out = bf16 ? (void*)out16 : (void*)w.att;
+    w.order = (int64_t*)at;            /* B k */
+    w.token = w.order + B * k;         /* B k */
+    w.count = w.token + B * k;         /* B */
+    w.mask = (uint8_t*)(w.count + B);  /* B S */
 
     for (int64_t b = 0; b < B; b++) {
-        memcpy(w.x + b * D, m->embedding + tokens[b] * m->ld_embedding, sizeof(float) * D);
+        for (int64_t i = 0; i < D; i++) w.x[b * D + i] = w_at(m->embedding, tokens[b] * m->ld_embedding + i, bf16);
         for (int64_t i = 0; i < Dh / 2; i++) { /* RoPE angles, as rope_cos_sin computes them */
             const float angle = (float)pos[b] * m->inv_freq[i];
             w.cos[b * Dh / 2 + i] = cosf(angle);
@@ -968,8 +1016,9 @@ int64_t llama4_decode_step(const step_model* m, const int64_t* tokens, const int
             gates += B * L->top_k;
         }
     }
-    norm_rows(w.x, D, m->norm, w.xn, 0, B, D, m->norm_eps);
-    product(w.xn, D, m->head, m->ld_head, 0, logits, B, m->vocab, D, threads);
+    step_norm(m, w.x, m->norm, w.xn, B);
+    product(w.xn, D, m->head, m->ld_head, bf16, logits, B, m->vocab, D, threads);
+    round_as(logits, B * m->vocab, bf16);
     free(mem);
     return 0;
 }
