@@ -206,7 +206,8 @@ def test_ctrl_c_inside_a_forward_rolls_the_slot_back(checkpoint, where):
         engine._one_call, original, engine._hidden = None, engine._hidden, interrupted
     else:
         assert step is not None and step.usable()
-        engine._one_call = type("Interrupted", (), {"usable": lambda self: True, "__call__": interrupted})()
+        fake = {"cache": engine.cache, "current": lambda self: True, "usable": lambda self: True}
+        engine._one_call = type("Interrupted", (), {**fake, "__call__": interrupted})()
     with pytest.raises(KeyboardInterrupt):
         engine.decode([0], [5])
     engine._one_call = step

@@ -213,8 +213,14 @@ class Engine:
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         """Append one token to each slot; return the next-token logits (B, V) (at least float32)."""
+        if len(tokens) != len(slots):
+            raise ValueError(f"{len(tokens)} tokens for {len(slots)} slots")
         self._check_ids(tokens)
         step = self._one_call
+        if step is not None and not (step.cache is self.cache and step.current()):
+            # The model (or cache) changed since the plan was made: plan again (None: the model's
+            # forward from now on, e.g. for weights that are no longer fused).
+            step = self._one_call = DecodeStep.build(self.model, self.cache)
         if step is not None and len(slots) <= FEW_ROWS and step.usable():
             positions = self.cache.advance(slots)
             with self._rollback_on_error(slots):

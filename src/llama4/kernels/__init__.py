@@ -12,8 +12,8 @@
 - `decode_attention(q, k, v, mask, scale)`: one query per row against the KV cache
   (`llama4.model.attention.decode_attention`).
 - `rope_(x, cos, sin, norm_eps)`: RoPE and the QK norm in place (`llama4.model.layers.rope_and_norm`).
-- `llama4_decode_step`: a whole float32 decode step in one call, built from the above
-  (`llama4.engine.step` lays out its plan).
+- `llama4_decode_step`: a whole decode step (float32 or bfloat16 model) in one call, built from
+  the above (`llama4.engine.step` lays out its plan).
 Their slow, obvious twins are torch's F.linear, F.rms_norm, F.scaled_dot_product_attention and
 `llama4.model.layers.apply_rope`; tests hold one against the other.
 

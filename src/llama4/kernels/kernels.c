@@ -7,6 +7,8 @@
  * llama4_rope: RoPE, then optionally the QK norm, in place.
  * llama4_rms_norm: RMS normalisation of a few rows (torch's CPU kernel for it is a chain
  * of ~8 ops: ~60 us for one 1024-wide row, against ~1 us here).
+ * llama4_decode_step: a whole decode step (embedding, every layer, head) in one call, from the
+ * pieces above (at the end of this file).
  * Each replaces several small torch ops of a decode step, whose fixed costs (~5-30 us each, ~100
  * of them per layer) rivalled the products themselves.
  *
