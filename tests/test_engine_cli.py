@@ -205,7 +205,7 @@ def test_ctrl_c_inside_a_forward_rolls_the_slot_back(checkpoint, where):
     if where == "forward":
         engine._one_call, original, engine._hidden = None, engine._hidden, interrupted
     else:
-        assert step is not None and step.usable()
+        assert step is not None and step.current() and step.usable()
         fake = {"cache": engine.cache, "current": lambda self: True, "usable": lambda self: True}
         engine._one_call = type("Interrupted", (), {**fake, "__call__": interrupted})()
     with pytest.raises(KeyboardInterrupt):

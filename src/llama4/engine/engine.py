@@ -84,7 +84,7 @@ class Engine:
     (prompt + output) per slot; default the config's ``max_seq_len``. The cache takes the
     model's dtype unless `cache_dtype` says otherwise. `compile`: run the model through
     ``torch.compile`` (meant for GPUs; the first calls are slow). `one_call_decode`: on CPU with
-    float32 weights, run each decode step in one call of llama4's C kernels
+    float32 or bfloat16 weights, run each decode step in one call of llama4's C kernels
     (``llama4.engine.step``) where it applies, else the model's forward.
     """
 

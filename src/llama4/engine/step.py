@@ -266,18 +266,18 @@ class DecodeStep:
         )
 
     def usable(self) -> bool:
-        """Whether a step may run now: the plan current, llama4's kernels on, and no forward hooks
+        """Whether a step of a `current` plan may run now: llama4's kernels on, and no forward hooks
         anywhere (the step would skip them)."""
         return (
             kernels.available()
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
             and not any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)
-            and self.current()
         )
 
     def __call__(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """Logits (B, V) float32 for one new token per slot at `positions`. Writes the cache and
-        each MoE's ``last_routing``. The caller checks `usable` and advances the slots' lengths."""
+        each MoE's ``last_routing``. The caller checks `current` and `usable`, and advances the
+        slots' lengths."""
         B = len(tokens)
         cache = self.cache
         if not 0 < B == len(slots) == len(positions) == len(set(slots)):
