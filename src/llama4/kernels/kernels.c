@@ -535,14 +535,17 @@ static void silu_times(const float* gate, const float* up, float* act, int64_t n
     for (; i < n; i++) act[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
 }
 
-/* y (M, N) contiguous = x (M, K; row stride ldx) @ W (N, K; row stride ldw)^T on `threads`
+/* Threads for a product with W (N, K): one below 64K weights (waking a worker costs more). */
+static int product_threads(int64_t N, int64_t K, int threads) { return N * K >= 65536 ? threads : 1; }
+
+/* y (M, N) contiguous = x (M, K; row stride ldx) @ W (N, K; row stride ldw)^T on up to `threads`
  * threads, in chunks of ~64 KB of W (whole register blocks). */
 static void product(const float* x, int64_t ldx, const void* w, int64_t ldw, int bf16, float* y, int64_t M,
                     int64_t N, int64_t K, int threads) {
     int64_t rows = (65536 / (K * (bf16 ? 2 : 4))) / RMAX * RMAX;
     if (rows < RMAX) rows = RMAX;
     few_rows_args a = {x, ldx, w, ldw, bf16, y, M, N, K, rows};
-    parallel(few_rows_chunk, &a, (N + rows - 1) / rows, threads);
+    parallel(few_rows_chunk, &a, (N + rows - 1) / rows, product_threads(N, K, threads));
 }
 
 /* The same, W (N, K) multiplied by silu(gate) * up of x's rows [gate | up] (2K floats, row stride
@@ -567,21 +570,17 @@ int64_t llama4_few_rows(const float* x, int64_t ldx, int glu, const void* w, int
                         int64_t ahead_epoch) {
     float* act = NULL;
     if (M <= 0 || N <= 0) return 0;
-    if (glu) {
-        act = malloc(sizeof(float) * M * K);
-        if (!act) return -1;
-        for (int64_t m = 0; m < M; m++) silu_times(x + m * ldx, x + m * ldx + K, act + m * K, K);
-        x = act;
-        ldx = K;
-    }
-    const int parallel_threads = N * K >= 65536 ? threads : 1;
-    const int replace = parallel_threads > 1 && ahead_epoch > 0;
+    if (glu && !(act = malloc(sizeof(float) * M * K))) return -1;
+    const int replace = product_threads(N, K, threads) > 1 && ahead_epoch > 0;
     if (replace) {
         pthread_mutex_lock(&pool.submit);
         ahead_set(ahead_ptrs, ahead_bytes, n_ahead < AHEAD_MAX ? n_ahead : AHEAD_MAX, (uint64_t)ahead_epoch);
         pthread_mutex_unlock(&pool.submit);
     }
-    product(x, ldx, w, ldw, w_bf16, y, M, N, K, parallel_threads);
+    if (glu)
+        product_glu(x, ldx, w, ldw, w_bf16, y, act, M, N, K, threads);
+    else
+        product(x, ldx, w, ldw, w_bf16, y, M, N, K, threads);
     free(act);
     return replace;
 }
