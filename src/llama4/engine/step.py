@@ -114,7 +114,7 @@ class DecodeStep:
             self._norm(model, "norm"), self._weight(head, "weight", (t.vocab_size, t.dim)), head.weight.stride(0),
             self._inv_freq(model), layers,
         )  # fmt: skip
-        self._layers = layers
+        self._layers = layers  # the C plan points at this array: it lives as long as the plan
 
     @classmethod
     def build(cls, model: Transformer, cache: KVCache) -> DecodeStep | None:
